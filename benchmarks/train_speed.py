@@ -1,0 +1,244 @@
+"""Training speed and peak memory: our trainer vs two loops that reproduce the peers' choices.
+
+Same model, same images, same seed, same steps. Each (config, loop) runs in its own process so
+peak memory is measured cleanly; the parent prints steps/s, peak memory and ratios against ours.
+
+  ours                    core.trainer.train: frozen model, SDPA attention, no checkpointing,
+                          latents cached once, no per-step host sync
+  a1111-style             UNet weights require grad (the host never freezes them), gradient
+                          checkpointing on, plain attention, `.item()` after every micro-batch
+  diffusers-example-style the whole token-embedding matrix trainable with the other rows restored
+                          after every step, the VAE encoding every step (diffusers' example script)
+
+  python benchmarks/train_speed.py --config tiny
+  python benchmarks/train_speed.py --config sd15 --size 256 --steps 4 --warmup 1
+  python benchmarks/train_speed.py --config sd15 --size 512 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LOOPS = ("ours", "a1111-style", "diffusers-example-style")
+NAME = "bench-token"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_backend(config: str, device: str):
+    from textual_inversion_ext.backends.standalone import embedded_default, random_model
+
+    if config == "sd15":
+        return random_model("sd1", device=device, seed=0)
+    return embedded_default(config, device=device, seed=0)
+
+
+def make_images(folder: Path, size: int, count: int = 8) -> None:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    for i in range(count):
+        img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y = rng.randrange(size), rng.randrange(size)
+            draw.ellipse([x, y, x + size // 4, y + size // 4], fill=tuple(rng.randrange(256) for _ in range(3)))
+        img.save(folder / f"img-{i}.png")
+        (folder / f"img-{i}.txt").write_text(f"shapes, picture {i}")
+
+
+class Timer:
+    """Wall time of the steps after warm-up, synchronising the device at both ends."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup, self.start, self.end = device, warmup, None, None
+
+    def step_done(self, step: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if step == self.warmup:
+            self.start = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        self.end = time.perf_counter()
+
+
+def run_ours(backend, data, emb, args, timer: Timer, tmp: Path) -> None:
+    from textual_inversion_ext.core.trainer import RunPaths, train
+    from textual_inversion_ext.core.train_params import TrainParams
+
+    params = TrainParams(max_steps=args.warmup + args.steps, save_every=0, preview_every=0, csv_every=0,
+                         save_optimizer_state=False, seed=0, template="subject_filewords")
+    lines = ["a photo of [name], [filewords]"]
+    train(backend, emb, data, params, RunPaths(tmp / "final.pt", tmp / "log"), template_lines=lines,
+          progress=lambda p: timer.step_done(p.step))
+
+
+def run_a1111_style(backend, data, emb, args, timer: Timer) -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    device = backend.device
+    backend.unet.requires_grad_(True)  # the host leaves UNet weights trainable
+    backend.unet.enable_gradient_checkpointing()  # always on in the host's TI loop
+    backend.unet.set_attn_processor(AttnProcessor())  # host default: optimizations off while training
+    vec = emb.vectors["default"].to(device).clone().requires_grad_(True)
+    opt = torch.optim.AdamW([vec], lr=0.005, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    backend.unet.train()
+    for step in range(args.warmup + args.steps):
+        i = step % len(data)
+        latents = data.latents[i][False].sample.unsqueeze(0).to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, backend.num_train_timesteps, (1,), generator=gen).to(device)
+        cond = backend.encode_text([f"a photo of {NAME}, {data.captions[i]}"], NAME, {"default": vec})
+        loss = backend.training_loss(latents, cond, noise, t).mean()
+        loss.backward()
+        _ = loss.item()  # per-micro-batch sync, as the host does
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # only the embedding: UNet .grad stays allocated
+        timer.step_done(step + 1)
+
+
+def run_diffusers_style(backend, data, emb, args, timer: Timer, pixels: list[torch.Tensor]) -> None:
+    from textual_inversion_ext.backends.standalone import splice
+
+    device = backend.device
+    table = backend._embedding  # the text encoder's token-embedding module
+    vocab = table.weight.shape[0]
+    init = emb.vectors["default"].to(device, table.weight.dtype)
+    n = init.shape[0]
+    # resize_token_embeddings + train the whole matrix, as diffusers' example does
+    table.weight = torch.nn.Parameter(torch.cat([table.weight.detach(), init]), requires_grad=True)
+    orig = table.weight.detach().clone()
+    keep = torch.ones(vocab + n, dtype=torch.bool, device=device)
+    keep[vocab:] = False
+    opt = torch.optim.AdamW([table.weight], lr=0.005)  # diffusers' default weight decay 1e-2
+    for module in (backend.unet, backend.vae):
+        module.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    scale = float(backend.vae.config.scaling_factor)
+    for step in range(args.warmup + args.steps):
+        i = step % len(data)
+        with torch.no_grad():  # the VAE encodes every step
+            x = pixels[i].unsqueeze(0).to(device, backend.vae.dtype)
+            latents = backend.vae.encode(x).latent_dist.sample(generator=None) * scale
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, backend.num_train_timesteps, (1,), generator=gen).to(device)
+        row = splice.prompt_ids(f"a photo of {NAME}, {data.captions[i]}", NAME, n, backend.pad_id)
+        ids = [vocab + s if s >= 0 else tok for tok, s in zip(row.ids, row.slots)]
+        cond = backend.text_encoder(torch.tensor([ids], device=device)).last_hidden_state
+        loss = backend.training_loss(latents, cond, noise, t).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():  # undo the update everywhere but the new token rows
+            table.weight[keep] = orig[keep]
+        timer.step_done(step + 1)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    from textual_inversion_ext.core import images
+    from textual_inversion_ext.core.dataset import prepare
+    from textual_inversion_ext.core.embedding import SINGLE, Embedding
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    backend = build_backend(args.config, args.device)
+    size = args.size or backend.info.resolution
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "data").mkdir()
+        make_images(tmp / "data", size)
+        scan = images.scan_dataset(tmp / "data")
+        data = prepare(backend, scan, resolution=size, use_buckets=False, with_flips=False,
+                       latent_sampling="once", seed=0)
+        pixels = [images.to_tensor(images.resize_and_crop(images.load_rgb(it.path), (size, size)))
+                  for it in scan.items]
+        init = backend.token_rows([1746, 7869])[SINGLE].mean(0, keepdim=True).repeat(2, 1)
+        emb = Embedding(NAME, {SINGLE: init.cpu()})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base_rss = rss_mb()
+        timer = Timer(device, args.warmup)
+        if args.loop == "ours":
+            run_ours(backend, data, emb, args, timer, tmp)
+        elif args.loop == "a1111-style":
+            run_a1111_style(backend, data, emb, args, timer)
+        else:
+            run_diffusers_style(backend, data, emb, args, timer, pixels)
+    elapsed = timer.end - timer.start
+    result = {
+        "config": args.config, "loop": args.loop, "size": size, "device": args.device,
+        "steps": args.steps, "steps_per_s": args.steps / elapsed, "s_per_step": elapsed / args.steps,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_training_mb": round(base_rss, 1),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=("tiny", "tiny-real-clip", "sd15"))
+    parser.add_argument("--size", type=int, default=0, help="image size; 0 = the model's native size")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loops", default=",".join(LOOPS))
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--loop", help=argparse.SUPPRESS)  # worker mode
+    args = parser.parse_args()
+    if args.loop:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    results = []
+    for loop in args.loops.split(","):
+        cmd = [sys.executable, __file__, "--config", args.config, "--size", str(args.size), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--loop", loop]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if out.returncode != 0 or line is None:
+            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(line[len("RESULT "):]))
+        r = results[-1]
+        print(f"{loop:>24}: {r['steps_per_s']:.3f} steps/s ({r['s_per_step']:.3f} s/step), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f", peak CUDA {r['peak_cuda_mb']:.0f} MB"
+                                                      if "peak_cuda_mb" in r else ""), flush=True)
+    ours = next((r for r in results if r["loop"] == "ours"), None)
+    if ours:
+        mem_key = "peak_cuda_mb" if "peak_cuda_mb" in ours else "peak_rss_mb"
+        print(f"\nconfig {args.config}, {ours['size']} px, {args.device}; ratios = ours / peer")
+        for r in results:
+            if r is ours:
+                continue
+            print(f"  vs {r['loop']:<24} speed {ours['steps_per_s'] / r['steps_per_s']:.2f}x   "
+                  f"peak memory {ours[mem_key] / r[mem_key]:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

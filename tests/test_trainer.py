@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import csv
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from textual_inversion_ext.core import formats
+from textual_inversion_ext.core.create import CreateParams, create_embedding
+from textual_inversion_ext.core.errors import TrainingError
+from textual_inversion_ext.core.run import RunRequest, run_training
+from textual_inversion_ext.core.train_params import TrainParams
+
+
+def fresh_embedding(backend, folder: Path, name: str = "toy") -> Path:
+    return create_embedding(backend, CreateParams(name=name, init_text="red robot", overwrite=True), folder).path
+
+
+def params(**kw) -> TrainParams:
+    base = dict(max_steps=12, save_every=0, preview_every=0, csv_every=1, learn_rate="0.01", seed=5)
+    base.update(kw)
+    return TrainParams(**base)
+
+
+def run(backend, emb: Path, data: Path, tmp: Path, p: TrainParams, **kw):
+    return run_training(backend, RunRequest(emb, data, tmp / "logs", p), **kw)
+
+
+class FaultyBackend:
+    """The tiny backend, with a fault injected at a chosen training call."""
+
+    def __init__(self, inner, at_call: int, fault: str) -> None:
+        self._inner, self.at_call, self.fault, self.calls = inner, at_call, fault, 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def training_loss(self, *args):
+        loss = self._inner.training_loss(*args)
+        self.calls += 1
+        if self.calls >= self.at_call:
+            if self.fault == "nan":
+                return loss * float("nan")
+            raise RuntimeError("injected failure")
+        return loss
+
+
+def test_training_changes_vectors_writes_csv_and_snapshots(tiny_backend, demo_data, tmp_path):
+    emb = fresh_embedding(tiny_backend, tmp_path)
+    before = formats.load_embedding(emb).embedding
+    out = run(tiny_backend, emb, demo_data, tmp_path, params(save_every=5))
+    after = formats.load_embedding(emb).embedding
+    assert out.result.status == "finished" and after.step == 12
+    assert not torch.equal(before.single(), after.single())
+    assert torch.isfinite(after.single()).all()
+    rows = list(csv.reader(out.paths.loss_csv.open()))
+    assert rows[0] == ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 13))
+    # snapshots are named by the exact step and hold that step (the host is off by one)
+    snaps = sorted(out.paths.snapshots.glob("toy-*.pt"))
+    assert [s.name for s in snaps] == ["toy-10.pt", "toy-5.pt"]
+    assert formats.load_embedding(snaps[0]).embedding.step == 10
+    assert (out.paths.snapshots / "toy-10.pt.optim").exists()
+    # the model stays frozen: no gradients on any weight
+    for module in (tiny_backend.unet, tiny_backend.text_encoder, tiny_backend.vae):
+        assert all(p.grad is None for p in module.parameters())
+
+
+def test_resume_equals_uninterrupted_run(tiny_backend, demo_data, tmp_path):
+    straight = fresh_embedding(tiny_backend, tmp_path / "a")
+    run(tiny_backend, straight, demo_data, tmp_path / "a", params(max_steps=10))
+    halves = fresh_embedding(tiny_backend, tmp_path / "b")
+    run(tiny_backend, halves, demo_data, tmp_path / "b", params(max_steps=5))
+    assert formats.load_embedding(halves).embedding.step == 5
+    out = run(tiny_backend, halves, demo_data, tmp_path / "b", params(max_steps=10))
+    a = formats.load_embedding(straight).embedding.single()
+    b = formats.load_embedding(halves).embedding.single()
+    assert out.result.step == 10
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_interrupt_saves_the_step_reached(tiny_backend, demo_data, tmp_path):
+    emb = fresh_embedding(tiny_backend, tmp_path)
+    stop = threading.Event()
+
+    def on_progress(p):
+        if p.step >= 4:
+            stop.set()
+
+    out = run(tiny_backend, emb, demo_data, tmp_path, params(), progress=on_progress, stop=stop)
+    assert out.result.status == "interrupted"
+    assert formats.load_embedding(emb).embedding.step == 4
+
+
+def test_nan_guard_keeps_last_good_vectors(tiny_backend, demo_data, tmp_path):
+    emb = fresh_embedding(tiny_backend, tmp_path)
+    out = run(FaultyBackend(tiny_backend, at_call=7, fault="nan"), emb, demo_data, tmp_path, params())
+    saved = formats.load_embedding(emb).embedding
+    assert out.result.status == "nan" and "step 7" in out.result.message
+    assert saved.step == 6 and torch.isfinite(saved.single()).all()
+
+
+def test_error_inside_the_loop_saves_then_reports(tiny_backend, demo_data, tmp_path):
+    emb = fresh_embedding(tiny_backend, tmp_path)
+    with pytest.raises(TrainingError, match="injected failure") as info:
+        run(FaultyBackend(tiny_backend, at_call=4, fault="raise"), emb, demo_data, tmp_path, params())
+    assert str(emb) in str(info.value)
+    assert formats.load_embedding(emb).embedding.step == 3
+
+
+def test_gradient_accumulation_and_clipping_run(tiny_backend, demo_data, tmp_path):
+    emb = fresh_embedding(tiny_backend, tmp_path)
+    out = run(tiny_backend, emb, demo_data, tmp_path,
+              params(max_steps=3, batch_size=2, grad_accum=2, clip_grad_mode="norm", clip_grad_value="0.01",
+                     flip_p=0.5, latent_sampling="random", shuffle_tags=True, tag_dropout=0.2))
+    assert out.result.status == "finished" and out.result.step == 3
+
+
+def test_already_trained_is_refused(tiny_backend, demo_data, tmp_path):
+    emb = fresh_embedding(tiny_backend, tmp_path)
+    run(tiny_backend, emb, demo_data, tmp_path, params(max_steps=2))
+    with pytest.raises(TrainingError, match="already at step 2"):
+        run(tiny_backend, emb, demo_data, tmp_path, params(max_steps=2))

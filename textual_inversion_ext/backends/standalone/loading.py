@@ -1,0 +1,283 @@
+"""Loading a user's single-file SD1.x/SD2.x checkpoint (A1111/ldm layout), fully offline.
+
+We read the file once ourselves (safetensors, or `torch.load(weights_only=True)` for `.ckpt`, so no
+pickle code runs), convert each component with diffusers' own `single_file_utils` converters and
+load it strictly into modules built from the bundled configs. Nothing calls `from_pretrained`, so
+no Hugging Face repository (or network) is ever consulted. We do not use the per-component
+`from_single_file`: without `accelerate` it loads with `strict=False`, so a config that does not
+fit the file would silently leave random weights, and it would read a multi-GB file three times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ...core.embedding import SINGLE
+from ...core.errors import ModelError
+from ..protocol import ModelInfo
+from .backend import StandaloneBackend
+from .models import ModelConfig, model_config
+
+logger = logging.getLogger(__name__)
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP_L = "cond_stage_model.transformer."
+OPEN_CLIP = "cond_stage_model.model."
+SDXL = "conditioner.embedders."
+FAMILIES = ("sd1", "sd2")
+PREDICTIONS = ("epsilon", "v_prediction")
+
+# Some SD1 files store the CLIP text model without its `text_model.` level (A1111 renames them too).
+_SD1_TEXT_RENAMES = {
+    CLIP_L + "embeddings.": CLIP_L + "text_model.embeddings.",
+    CLIP_L + "encoder.": CLIP_L + "text_model.encoder.",
+    CLIP_L + "final_layer_norm.": CLIP_L + "text_model.final_layer_norm.",
+}
+
+
+def file_short_hash(path: Path) -> str:
+    """A1111's short hash of a checkpoint: the first 10 hex digits of the file's sha256."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` or `.ckpt` file; a `.ckpt` is unpickled with weights_only=True."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise ModelError(f"{path.name} is not a readable .safetensors file ({exc}).") from exc
+    if suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelError(f"{path.name}: expected a .safetensors or .ckpt Stable Diffusion checkpoint.")
+    try:
+        data: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"{path.name} contains Python objects other than tensors, and loading it could run code, so it "
+            "was not loaded. If you trust the file, convert it to .safetensors (e.g. with the A1111 "
+            "checkpoint merger or a conversion script) and load that instead."
+        ) from exc
+    except Exception as exc:
+        raise ModelError(f"{path.name} is not a readable checkpoint ({type(exc).__name__}: {exc}).") from exc
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelError(f"{path.name} holds a {type(data).__name__}, not a checkpoint state dict.")
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def detect_family(state: dict[str, torch.Tensor], name: str = "checkpoint") -> str:
+    """"sd1" or "sd2" from the key layout; ModelError for SDXL and anything unknown."""
+    keys = state.keys()
+    if any(k.startswith(SDXL) for k in keys):
+        raise ModelError(
+            f"{name} is an SDXL checkpoint (it has {SDXL}*); the standalone backend supports SD1.x and "
+            "SD2.x checkpoints only. Train SDXL embeddings inside the web UI, or pick an SD1.x/SD2.x model."
+        )
+    has_sd1 = any(k.startswith(CLIP_L) for k in keys)
+    has_sd2 = any(k.startswith(OPEN_CLIP) for k in keys)
+    has_unet = any(k.startswith(UNET) for k in keys)
+    has_vae = any(k.startswith(VAE) for k in keys)
+    if has_unet and has_vae and has_sd1 != has_sd2:
+        return "sd1" if has_sd1 else "sd2"
+    found = sorted({".".join(k.split(".")[:2]) for k in keys})[:8]
+    missing = [n for n, ok in (("UNet " + UNET, has_unet), ("VAE " + VAE, has_vae),
+                               ("text encoder " + CLIP_L + " or " + OPEN_CLIP, has_sd1 or has_sd2)) if not ok]
+    raise ModelError(
+        f"{name} is not a complete SD1.x/SD2.x checkpoint in A1111/ldm layout"
+        + (f" (missing {', '.join(missing)}*)" if missing else " (it has two text encoders)")
+        + f"; its keys start with {found}. Use a full single-file .safetensors/.ckpt as the web UI loads it "
+        "(not a diffusers folder, LoRA, VAE-only or UNet-only file)."
+    )
+
+
+def detect_prediction(path: Path, state: dict[str, torch.Tensor]) -> str | None:
+    """"v_prediction" or "epsilon" if the file says so (sibling .yaml, `v_pred` key), else None."""
+    if "v_pred" in state:
+        return "v_prediction"
+    yaml_path = path.with_suffix(".yaml")
+    if yaml_path.is_file():
+        text = yaml_path.read_text("utf-8", errors="replace")
+        match = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, re.MULTILINE)
+        if match:
+            return "v_prediction" if match.group(1) == "v" else "epsilon"
+        return "epsilon"  # an ldm yaml without the key means the ldm default, eps
+    return None
+
+
+def looks_v_prediction(unet: UNet2DConditionModel) -> bool:
+    """A1111's test for SD2 (`is_using_v_parameterization_for_sd2`): at t=999 a v-model's output
+    of a constant input is far below the input, an eps-model's is not."""
+    p = next(unet.parameters())
+    with torch.no_grad():
+        x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+        cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=p.device, dtype=p.dtype)
+        t = torch.tensor([999], device=p.device)
+        out = (unet(x, t, encoder_hidden_states=cond).sample - x).float().mean().item()
+    return out < -1
+
+
+def _strict_assign(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], what: str,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """Build on the meta device (no random init of ~1 B weights) and assign the converted tensors."""
+    with torch.device("meta"):
+        model = build()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ModelError(
+            f"The checkpoint's {what} does not fit the {what} config ({first}). Is it a fine-tune with a "
+            "different architecture? Pass config=... describing it."
+        ) from exc
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if missing:
+        raise ModelError(
+            f"The checkpoint's {what} does not fit the {what} config: {len(missing)} weights are missing "
+            f"(e.g. {missing[:3]}). Is it a fine-tune with a different architecture?"
+        )
+    if unexpected:
+        logger.warning("%d unused %s weights in the checkpoint (e.g. %s)",
+                       len(unexpected), what, unexpected[:3])
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers are not in the file
+            if not name.endswith("position_ids"):
+                raise ModelError(f"{what} buffer {name} was not loaded")
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            ids = torch.arange(buf.shape[-1]).expand(buf.shape)
+            owner.register_buffer("position_ids", ids, persistent=False)
+    return model
+
+
+def _text_encoder_state(
+    state: dict[str, torch.Tensor], family: str, model: CLIPTextModel
+) -> dict[str, torch.Tensor]:
+    if family == "sd1":
+        converted = convert_ldm_clip_checkpoint(state)
+    else:
+        # diffusers' SD2 text encoder stops one layer early (OpenCLIP's penultimate layer, as SD2
+        # uses it): drop the resblocks it does not have (its ignore list hard-codes ViT-H's 24).
+        layers = model.config.num_hidden_layers
+        pattern = re.compile(re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")
+
+        def keep(k: str) -> bool:
+            m = pattern.match(k)
+            return m is None or int(m.group(1)) < layers
+
+        kept = {k: v for k, v in state.items() if keep(k)}
+        converted = convert_open_clip_checkpoint(model, kept, prefix=OPEN_CLIP)
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    return {k: v for k, v in converted.items() if not k.startswith("text_projection")}
+
+
+def build_from_state(
+    state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Convert an ldm-layout state dict with diffusers' converters and load it strictly."""
+    try:
+        unet_state = convert_ldm_unet_checkpoint(state, config.unet)
+        vae_state = convert_ldm_vae_checkpoint(state, config.vae)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ModelError(f"The checkpoint's UNet/VAE could not be converted ({exc!r}).") from exc
+    unet = _strict_assign(lambda: UNet2DConditionModel.from_config(config.unet), unet_state, "UNet", dtype)
+    vae = _strict_assign(lambda: AutoencoderKL.from_config(config.vae), vae_state, "VAE", dtype)
+    text_config = CLIPTextConfig(**config.text_encoder)
+    with torch.device("meta"):
+        probe = CLIPTextModel(text_config)
+    text_state = _text_encoder_state(state, config.family, probe)
+    text_encoder = _strict_assign(lambda: CLIPTextModel(text_config), text_state, "text encoder", dtype)
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return unet, vae, text_encoder  # type: ignore[return-value]
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    family: str | None = None,
+    prediction: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: str | Path | dict[str, Any] | None = None,
+) -> StandaloneBackend:
+    """Load an SD1.x/SD2.x single-file checkpoint (`.safetensors`, or `.ckpt` without running pickle code).
+
+    `family` ("sd1"/"sd2") is detected from the keys; passing it only double-checks. `prediction`
+    ("epsilon"/"v_prediction") overrides detection: a sibling `<name>.yaml` with `parameterization: "v"`,
+    a `v_pred` key, else for SD2 A1111's test forward pass, else epsilon. `config` replaces the
+    bundled architecture (a JSON file or dict shaped like `configs/sd1.json`) for non-standard models."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Checkpoint {path} does not exist (give the path to a .safetensors or .ckpt file).")
+    if family is not None and family not in FAMILIES:
+        raise ModelError(f"family must be one of {', '.join(FAMILIES)} (no SDXL), not {family!r}")
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ModelError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
+    state = read_state_dict(path)
+    state = {next((new + k[len(old):] for old, new in _SD1_TEXT_RENAMES.items() if k.startswith(old)), k): v
+             for k, v in state.items()}
+    detected = detect_family(state, path.name)
+    if family is not None and family != detected:
+        raise ModelError(f"{path.name} has the key layout of {detected.upper()}, not {family.upper()}.")
+    cfg = model_config(config if config is not None else detected)
+    if cfg.family != detected:
+        raise ModelError(f"The model config is for {cfg.family} but {path.name} is {detected}.")
+    conv_in = state.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != cfg.unet.get("in_channels", 4):
+        raise ModelError(
+            f"{path.name} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
+            "instruct-pix2pix model?); train embeddings on the matching base model instead."
+        )
+    pred = prediction or detect_prediction(path, state)
+    unet, vae, text_encoder = build_from_state(state, cfg, dtype)
+    del state
+    for module in (unet, vae, text_encoder):
+        module.to(device)
+    if pred is None and detected == "sd2":
+        logger.info("Testing whether %s is a v-prediction model (pass prediction=... to skip)", path.name)
+        pred = "v_prediction" if looks_v_prediction(unet) else "epsilon"
+        logger.info("%s looks like an SD2 %s model; pass prediction=... if that is wrong", path.name, pred)
+    pred = pred or "epsilon"
+    resolution = int(cfg.resolution)
+    if detected == "sd2" and config is None:
+        resolution = 768 if pred == "v_prediction" else 512  # SD2 768-v vs 512-base
+    info = ModelInfo(
+        family=detected,
+        encoders={SINGLE: int(cfg.text_encoder["hidden_size"])},
+        resolution=resolution,
+        name=path.stem,
+        short_hash=file_short_hash(path),
+        prediction=pred,
+        latent_channels=int(cfg.unet.get("in_channels", 4)),
+        vae_scale=2 ** (len(cfg.vae["block_out_channels"]) - 1),
+    )
+    scheduler = {**cfg.scheduler, "prediction_type": pred}
+    logger.info("Loaded %s (%s, %s, %d px, hash %s)", path.name, detected, pred, resolution, info.short_hash)
+    return StandaloneBackend(unet, vae, text_encoder, scheduler, info)

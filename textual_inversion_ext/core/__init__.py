@@ -1,0 +1,3 @@
+"""Host-independent Textual Inversion core: no gradio, no host `modules` imports."""
+
+from __future__ import annotations

@@ -1,0 +1,122 @@
+"""`demo`: a sample dataset drawn with PIL, an embedding created from an init text, a short run on
+the embedded default model, and the artefacts a user looks at (embedding files, loss CSV, plot)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .core import formats, templates
+from .core.create import CreateParams, create_embedding
+from .core.evaluate import fixed_loss
+from .core.metrics import read_loss_csv
+from .core.run import RunRequest
+from .core.train_params import TrainParams
+
+logger = logging.getLogger(__name__)
+
+DEMO_NAME = "demo-robot"
+DEMO_INIT = "red robot"
+BACKGROUNDS = [
+    ("a blue sky", (90, 150, 230), None),
+    ("green grass", (70, 160, 70), None),
+    ("a striped wall", (220, 220, 200), (180, 60, 60)),
+    ("a wooden floor", (150, 100, 60), (120, 80, 45)),
+    ("a white table", (240, 240, 240), None),
+    ("a night street", (30, 30, 50), (200, 190, 90)),
+]
+
+
+def draw_subject(draw: ImageDraw.ImageDraw, cx: int, cy: int, s: int) -> None:
+    """The 'robot': a red body, a yellow head with dark eyes, grey arms."""
+    draw.rectangle([cx - s, cy - s // 2, cx + s, cy + s], fill=(200, 30, 30))
+    draw.ellipse([cx - s // 2, cy - s * 3 // 2, cx + s // 2, cy - s // 2], fill=(240, 200, 40))
+    for ex in (cx - s // 5, cx + s // 5):
+        draw.ellipse([ex - s // 10, cy - s, ex + s // 10, cy - s * 8 // 10], fill=(20, 20, 20))
+    draw.rectangle([cx - s * 3 // 2, cy - s // 3, cx - s, cy + s // 2], fill=(130, 130, 130))
+    draw.rectangle([cx + s, cy - s // 3, cx + s * 3 // 2, cy + s // 2], fill=(130, 130, 130))
+
+
+def make_sample_dataset(folder: Path, *, size: int = 256, seed: int = 0) -> list[Path]:
+    """Six images of the same subject on different backgrounds; captions describe everything but it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i, (caption, base, stripe) in enumerate(BACKGROUNDS):
+        img = Image.new("RGB", (size, size), base)
+        draw = ImageDraw.Draw(img)
+        if stripe is not None:
+            for x in range(0, size, 24):
+                draw.rectangle([x, 0, x + 8, size], fill=stripe)
+        s = rng.randint(size // 8, size // 5)
+        draw_subject(draw, rng.randint(2 * s, size - 2 * s), rng.randint(2 * s, size - 2 * s), s)
+        path = folder / f"sample-{i:02d}.png"
+        img.save(path)
+        (folder / f"sample-{i:02d}.txt").write_text(caption + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def plot_losses(csv_path: Path, out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_loss_csv(csv_path)
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+              for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, alpha=0.35, label="loss (per step)")
+    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dict[str, object]:
+    from .cli import train_with_progress_bar
+
+    out = Path(out)
+    data_dir = out / "dataset"
+    make_sample_dataset(data_dir, seed=seed)
+    emb_dir = out / "embeddings"
+    created = create_embedding(backend, CreateParams(name=DEMO_NAME, init_text=DEMO_INIT, overwrite=True),
+                               emb_dir)
+    print(created.message)
+    params = TrainParams(max_steps=steps, csv_every=1, save_every=max(1, steps // 3),
+                         preview_every=max(1, steps // 3), seed=seed)
+    request = RunRequest(created.path, data_dir, out / "logs", params)
+    outcome = train_with_progress_bar(backend, request)
+    lines = templates.load_template(params.template)
+    start = fixed_loss(backend, outcome.data, DEMO_NAME, created.embedding.vectors, lines, seed=seed)
+    trained = formats.load_embedding(outcome.result.final_path).embedding
+    end = fixed_loss(backend, outcome.data, DEMO_NAME, trained.vectors, lines, seed=seed)
+    st_path = formats.save_embedding(trained, emb_dir / f"{DEMO_NAME}.safetensors")[0]
+    plot = plot_losses(outcome.paths.loss_csv, out / "loss.png", f"{DEMO_NAME}: {outcome.result.step} steps")
+    summary = {
+        "embedding_pt": outcome.result.final_path,
+        "embedding_safetensors": st_path,
+        "loss_csv": outcome.paths.loss_csv,
+        "loss_plot": plot,
+        "log_folder": outcome.paths.log_dir,
+        "fixed_loss_before": start,
+        "fixed_loss_after": end,
+    }
+    print(outcome.result.message)
+    print(f"Loss on the training images (fixed noise and timesteps): {start:.5f} before, {end:.5f} after "
+          f"({(end - start) / start:+.1%}).")
+    for key in ("embedding_pt", "embedding_safetensors", "loss_csv", "loss_plot", "log_folder"):
+        print(f"{key.replace('_', ' '):>22}: {summary[key]}")
+    return summary
