@@ -85,8 +85,8 @@ class Timer:
 
 
 def run_ours(backend, data, emb, args, timer: Timer, tmp: Path) -> None:
-    from textual_inversion_ext.core.trainer import RunPaths, train
     from textual_inversion_ext.core.train_params import TrainParams
+    from textual_inversion_ext.core.trainer import RunPaths, train
 
     params = TrainParams(max_steps=args.warmup + args.steps, save_every=0, preview_every=0, csv_every=0,
                          save_optimizer_state=False, seed=0, template="subject_filewords")

@@ -80,3 +80,10 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "textual_inversion_ext", "--version"], capture_output=True,
                          text=True, check=True)
     assert "textual_inversion_ext" in out.stdout
+
+
+def test_create_with_more_tokens_than_vectors_says_what_it_did(tmp_path, capsys):
+    assert main(["create", "long", "--init-text", "a red vintage sports car", "--num-vectors", "2",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 vectors" in out and "vintage" in out  # the pooling message names the words

@@ -68,4 +68,4 @@ def test_json_schema_has_every_field():
     names = {f.name for f in fields_of(CreateParams)}
     assert set(schema["properties"]) == names
     assert schema["properties"]["num_vectors"]["maximum"] == 75
-    assert schema["properties"]["init_mode"]["enum"] == ["pool", "truncate", "spread"]
+    assert schema["properties"]["init_mode"]["enum"] == ["pool", "truncate", "spread", "zeros"]

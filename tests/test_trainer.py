@@ -116,6 +116,8 @@ def test_gradient_accumulation_and_clipping_run(tiny_backend, demo_data, tmp_pat
               params(max_steps=3, batch_size=2, grad_accum=2, clip_grad_mode="norm", clip_grad_value="0.01",
                      flip_p=0.5, latent_sampling="random", shuffle_tags=True, tag_dropout=0.2))
     assert out.result.status == "finished" and out.result.step == 3
+    rates = {row[4] for row in list(csv.reader(out.paths.loss_csv.open()))[1:]}
+    assert rates == {str(0.01 * 2 * 2)}  # LR scaled by batch × accumulation
 
 
 def test_already_trained_is_refused(tiny_backend, demo_data, tmp_path):
@@ -123,3 +125,13 @@ def test_already_trained_is_refused(tiny_backend, demo_data, tmp_path):
     run(tiny_backend, emb, demo_data, tmp_path, params(max_steps=2))
     with pytest.raises(TrainingError, match="already at step 2"):
         run(tiny_backend, emb, demo_data, tmp_path, params(max_steps=2))
+
+
+def test_same_seed_same_vectors_other_seed_differs(tiny_backend, demo_data, tmp_path):
+    results = []
+    for folder, seed in (("a", 1), ("b", 1), ("c", 2)):
+        emb = fresh_embedding(tiny_backend, tmp_path / folder)
+        run(tiny_backend, emb, demo_data, tmp_path / folder, params(max_steps=4, seed=seed, flip_p=0.5))
+        results.append(formats.load_embedding(emb).embedding.single())
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])

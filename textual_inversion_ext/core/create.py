@@ -16,7 +16,6 @@ from .params import param, validate
 
 logger = logging.getLogger(__name__)
 
-INIT_MODES = ("pool", "truncate", "spread")
 
 
 @dataclass
@@ -29,7 +28,7 @@ class CreateParams:
                              minimum=0, maximum=75)
     init_mode: str = param("pool", "Init with more tokens than vectors",
                            "'pool' averages neighbouring tokens so none is lost; 'truncate' keeps the first.",
-                           choices=INIT_MODES)
+                           choices=tokens.INIT_MODES)
     overwrite: bool = param(False, "Overwrite", "Replace an existing embedding file of the same name.")
 
 
@@ -51,9 +50,10 @@ def create_embedding(backend: Backend, params: CreateParams, folder: Path, suffi
     n_vectors = params.num_vectors or max(1, len(ids))
     encoders = backend.info.encoders
     rows = backend.token_rows(ids) if ids else {key: torch.zeros(0, dim) for key, dim in encoders.items()}
+    words = tokens.decode_tokens(ids)  # so messages name words, not token numbers
     vectors, notes = {}, []
     for key in encoders:
-        vec, note = tokens.init_vectors(rows[key], n_vectors, mode=params.init_mode)
+        vec, note = tokens.init_vectors(rows[key], n_vectors, mode=params.init_mode, tokens=words)
         vectors[key] = vec
         if note and note not in notes:
             notes.append(note)
