@@ -35,6 +35,8 @@ from textual_inversion_ext.core.formats import png as png_fmt
 
 FIXTURE_PARTS = ("shared", "fixtures", "a1111", "test_embedding.png")
 
+A1111_PT_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+
 
 def _find_fixture() -> Path | None:
     # The fixture lives in the workspace next to the repository, not inside it: look upward.
@@ -180,14 +182,7 @@ def test_written_pt_has_a1111_structure(tmp_path: Path) -> None:
     emb = make_single(n=4)
     (path,) = save_embedding(emb, tmp_path / "rick.pt")
     data = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(data) == {
-        "string_to_token",
-        "string_to_param",
-        "name",
-        "step",
-        "sd_checkpoint",
-        "sd_checkpoint_name",
-    }
+    assert set(data) == A1111_PT_KEYS
     assert data["string_to_token"] == {"*": 265}
     assert list(data["string_to_param"]) == ["*"]
     vec = data["string_to_param"]["*"]
@@ -444,14 +439,7 @@ def test_pixel_payload_follows_the_a1111_layout(tmp_path: Path) -> None:
     key_arr = np.array(key, np.uint8).reshape(left.shape)
     raw = ((right ^ key_arr) << 4 | (left ^ key_arr)).astype(np.uint8).reshape(-1).tobytes()
     data = png_fmt.from_json_bytes(zlib.decompressobj().decompress(raw), "recipe")
-    assert set(data) == {
-        "string_to_token",
-        "string_to_param",
-        "name",
-        "step",
-        "sd_checkpoint",
-        "sd_checkpoint_name",
-    }
+    assert set(data) == A1111_PT_KEYS
     assert torch.equal(data["string_to_param"]["*"].float(), emb.single())
 
 

@@ -100,6 +100,7 @@ def test_nan_guard_keeps_last_good_vectors(tiny_backend, demo_data, tmp_path):
     saved = formats.load_embedding(emb).embedding
     assert out.result.status == "nan" and "step 7" in out.result.message
     assert saved.step == 6 and torch.isfinite(saved.single()).all()
+    assert not formats.optim_path(emb).exists()  # the optimizer's moments are past the kept vectors
 
 
 def test_error_inside_the_loop_saves_then_reports(tiny_backend, demo_data, tmp_path):

@@ -123,8 +123,8 @@ def train(
         logger.info("Resuming with the saved optimizer state")
     state = _State(vectors, _copy(vectors), embedding.step, embedding.step)
     prompts = PromptBuilder(template_lines, embedding.name, params.shuffle_tags, params.tag_dropout)
-    order = BatchOrder(data.buckets, params.batch_size, params.seed)
-    steps_per_epoch = max(1, order.batches_per_epoch // params.grad_accum)
+    batches = _MicroBatches(backend, data, params, prompts, embedding.name, scaler, amp_dtype)
+    steps_per_epoch = max(1, batches.order.batches_per_epoch // params.grad_accum)
     preview_prompt = params.preview_prompt or prompts.render(data.captions[0], random.Random(params.seed))
     result = TrainResult("finished", embedding.step, paths.final, "")
     csv_log = LossCsv(paths.loss_csv) if params.csv_every else None
@@ -134,11 +134,12 @@ def train(
     check_every = 1 if device.type == "cpu" else 8
     options = TrainingOptions(params.gradient_checkpointing, params.attention_optimizations, params.offload_vae)
 
-    def save(path: Path, with_optimizer: bool) -> None:
+    def save(path: Path) -> None:
         embedding.vectors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.good.items()}
         embedding.step = state.good_step
         formats.save_embedding(embedding, path)
-        if with_optimizer and params.save_optimizer_state:
+        # After a NaN the optimizer's moments are newer than (and maybe poisoned like) the kept vectors.
+        if params.save_optimizer_state and state.good_step == state.step:
             formats.save_optimizer_state(embedding, path, optimizer.state_dict())
 
     try:
@@ -151,25 +152,7 @@ def train(
                 lr = schedule.rate_at(step) * lr_scale
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                rng = random.Random(derive_seed(params.seed, step))
-                gen = torch.Generator().manual_seed(derive_seed(params.seed, step, 1))
-                loss_sum = torch.zeros((), device=device)
-                epoch = 0
-                for micro in range(params.grad_accum):
-                    epoch, indices = order.batch(step * params.grad_accum + micro)
-                    flips = [rng.random() < params.flip_p for _ in indices]
-                    texts = [prompts.render(data.captions[i], rng) for i in indices]
-                    latents = torch.stack([data.latent(i, f, params.latent_sampling, gen)
-                                           for i, f in zip(indices, flips)]).to(device)
-                    noise = torch.randn(latents.shape, generator=gen).to(device)
-                    timesteps = torch.randint(0, backend.num_train_timesteps, (len(indices),),
-                                              generator=gen).to(device)
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                        enabled=amp_dtype is not None):
-                        cond = backend.encode_text(texts, embedding.name, vectors)
-                        loss = backend.training_loss(latents, cond, noise, timesteps).mean() / params.grad_accum
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
+                loss_sum, epoch = batches.accumulate(step, vectors)
                 scaler.unscale_(optimizer)  # clip real gradients, not loss-scaled ones (host bug)
                 if clip_schedule is not None:
                     clip = clip_schedule.rate_at(step)
@@ -196,7 +179,7 @@ def train(
                                       (state.step - 1) % steps_per_epoch, result.losses[-1][1], lr)
                     if due_save:
                         snap = paths.snapshots / f"{embedding.name}-{state.step}.pt"
-                        save(snap, with_optimizer=True)
+                        save(snap)
                         result.snapshots.append(snap)
                     if due_preview:
                         result.previews.append(_preview(backend, embedding.name, state, params, preview_prompt,
@@ -206,10 +189,13 @@ def train(
                                           timer.s_per_step, timer.eta(schedule.end_step - state.step), epoch))
         _drain(pending, result, state, vectors)  # an interrupt can leave steps not yet read back
     except BaseException as exc:
-        _drain(pending, result, state, vectors)
+        try:
+            _drain(pending, result, state, vectors)
+        except Exception:  # the device may be unusable now; the last good vectors are still saved
+            logger.exception("Could not read back the last losses")
         result.status = "error"
         result.message = f"{type(exc).__name__}: {exc}"
-        save(paths.final, with_optimizer=True)
+        save(paths.final)
         logger.error("Training stopped by an error at step %d; embedding saved to %s", state.good_step,
                      paths.final)
         if isinstance(exc, Exception):
@@ -219,12 +205,48 @@ def train(
     finally:
         if csv_log:
             csv_log.close()
-    save(paths.final, with_optimizer=True)
+    save(paths.final)
     result.step = state.good_step
     if result.status == "finished":
         result.message = f"Finished at step {state.good_step}."
     result.message += f" Embedding saved to {paths.final}."
     return result
+
+
+class _MicroBatches:
+    """Draws the micro-batches of one optimizer step and accumulates their gradients.
+
+    Everything random comes from generators seeded by (seed, step), so a step can be replayed."""
+
+    def __init__(self, backend: Backend, data: TrainingSet, params: TrainParams, prompts: PromptBuilder,
+                 trigger: str, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> None:
+        self.backend, self.data, self.params, self.prompts, self.trigger = backend, data, params, prompts, trigger
+        self.scaler, self.amp_dtype = scaler, amp_dtype
+        self.order = BatchOrder(data.buckets, params.batch_size, params.seed)
+
+    def accumulate(self, step: int, vectors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Backward over `grad_accum` micro-batches; returns the step's loss (not synced) and epoch."""
+        p, device = self.params, self.backend.device
+        rng = random.Random(derive_seed(p.seed, step))
+        gen = torch.Generator().manual_seed(derive_seed(p.seed, step, 1))
+        loss_sum = torch.zeros((), device=device)
+        epoch = 0
+        for micro in range(p.grad_accum):
+            epoch, indices = self.order.batch(step * p.grad_accum + micro)
+            flips = [rng.random() < p.flip_p for _ in indices]
+            texts = [self.prompts.render(self.data.captions[i], rng) for i in indices]
+            latents = torch.stack([self.data.latent(i, f, p.latent_sampling, gen)
+                                   for i, f in zip(indices, flips)]).to(device)
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            timesteps = torch.randint(0, self.backend.num_train_timesteps, (len(indices),), generator=gen)
+            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                cond = self.backend.encode_text(texts, self.trigger, vectors)
+                loss = self.backend.training_loss(latents, cond, noise, timesteps.to(device)).mean()
+            loss = loss / p.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        return loss_sum, epoch
 
 
 def _copy(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
