@@ -139,14 +139,13 @@ def train_with_progress_bar(backend, request):
     from .core.run import run_training
 
     stop = threading.Event()
-    bar = tqdm(total=request.params.max_steps, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=request.params.max_steps, unit="step", dynamic_ncols=True, mininterval=0.5)
 
     def on_progress(p) -> None:
         bar.total = p.end_step
-        bar.n = p.step
         bar.set_postfix_str(f"loss {p.loss:.4f} lr {p.learn_rate:.2g} {p.s_per_step:.3f}s/step "
                             f"ETA {p.eta_s:.0f}s", refresh=False)
-        bar.refresh()
+        bar.update(p.step - bar.n)  # redraws at most every mininterval, not every step
 
     def on_sigint(signum, frame) -> None:
         # First Ctrl+C: stop after this step and save; a second one aborts (still saving, atomically).

@@ -190,7 +190,7 @@ def save_embedding(
         written = diffusers_fmt.write_pair(data, path)
     else:
         written = png.write(data, path, image)
-    logger.info("saved embedding %r (%s) to %s", name, fmt, ", ".join(map(str, written)))
+    logger.debug("saved embedding %r (%s) to %s", name, fmt, ", ".join(map(str, written)))
     return written
 
 

@@ -79,7 +79,7 @@ def check_embedding_vectors(vectors: Mapping[str, Any], where: str) -> dict[str,
     if keys == {SINGLE}:
         t = check_vectors(vectors[SINGLE], where)
         if t.shape[1] not in COMMON_SINGLE_DIMS:
-            logger.warning("%s is %d wide; SD1 embeddings are 768 and SD2 ones 1024 wide", where, t.shape[1])
+            logger.debug("%s is %d wide; SD1 embeddings are 768 and SD2 ones 1024 wide", where, t.shape[1])
         return {SINGLE: t}
     if keys == set(SDXL_KEYS):
         out = {k: check_vectors(vectors[k], f"{where} [{k}]", SDXL_DIMS[k]) for k in SDXL_KEYS}

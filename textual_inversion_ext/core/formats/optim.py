@@ -36,7 +36,7 @@ def load_optimizer_state(embedding: Embedding, embedding_path: str | Path) -> di
     """
     path = optim_path(embedding_path)
     if not path.is_file():
-        logger.info("no optimizer state at %s; the optimizer starts fresh", path)
+        logger.debug("no optimizer state at %s; the optimizer starts fresh", path)
         return None
     try:
         data = load_torch_file(path)
