@@ -1,0 +1,157 @@
+"""Training jobs that outlive the request that started them.
+
+One job runs at a time, in a worker thread; the UI and the API poll its status (so closing the
+page never stops training and a reload re-attaches). A host plugs in its GPU lock and progress
+state through `HostHooks`; standalone uses the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.errors import TIError
+from .core.metrics import Progress
+
+logger = logging.getLogger(__name__)
+
+
+class BusyError(TIError):
+    """A second training job while one runs."""
+
+
+@dataclass
+class HostHooks:
+    """How a host sees a job: its GPU lock, and its progress/interrupt state (A1111: shared.state)."""
+
+    lock: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    begin: Callable[[str, int], None] = lambda job_id, total: None
+    update: Callable[[int, int, str], None] = lambda step, total, text: None
+    host_interrupted: Callable[[], bool] = lambda: False
+    end: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "train"
+    name: str  # the embedding
+    status: str = "queued"  # queued | running | finished | interrupted | nan | error
+    message: str = ""
+    progress: Progress | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+    def to_dict(self, since_step: int = 0) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "id": self.id, "kind": self.kind, "name": self.name, "status": self.status,
+            "active": self.active, "message": self.message,
+            "step": p.step if p else None, "end_step": p.end_step if p else None,
+            "loss": p.loss if p else None, "learn_rate": p.learn_rate if p else None,
+            "s_per_step": p.s_per_step if p else None, "eta_s": p.eta_s if p else None,
+            "losses": [[s, v] for s, v in self.losses if s > since_step],
+            "previews": list(self.previews), "result": dict(self.result),
+            "started": self.started, "finished": self.finished,
+        }
+
+
+class JobManager:
+    """Runs at most one job at a time; keeps the last few for status queries."""
+
+    def __init__(self, hooks: HostHooks | None = None, keep: int = 16) -> None:
+        self.hooks = hooks or HostHooks()
+        self.keep = keep
+        self._jobs: dict[str, Job] = {}
+        self._guard = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def current(self) -> Job | None:
+        with self._guard:
+            return next((j for j in self._jobs.values() if j.active), None)
+
+    def get(self, job_id: str) -> Job:
+        with self._guard:
+            if job_id not in self._jobs:
+                raise TIError(f"No job {job_id!r}; it may be older than the last {self.keep} jobs.")
+            return self._jobs[job_id]
+
+    def latest(self) -> Job | None:
+        with self._guard:
+            return next(reversed(self._jobs.values()), None)
+
+    def is_training(self, name: str) -> bool:
+        job = self.current()
+        return job is not None and job.name == name
+
+    def start(self, kind: str, name: str, work: Callable[[Job], dict[str, Any]]) -> Job:
+        """Run `work(job)` in a worker thread; it returns the result dict or raises."""
+        with self._guard:
+            running = next((j for j in self._jobs.values() if j.active), None)
+            if running is not None:
+                raise BusyError(f"'{running.name}' is training (job {running.id}); interrupt it or wait.")
+            job = Job(id=f"{kind}-{next(self._ids)}-{int(time.time())}", kind=kind, name=name)
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.pop(next(iter(self._jobs)))
+        thread = threading.Thread(target=self._run, args=(job, work), name=f"tiext-{job.id}", daemon=True)
+        thread.start()
+        return job
+
+    def interrupt(self, job_id: str | None = None) -> Job | None:
+        job = self.get(job_id) if job_id else self.current()
+        if job is not None and job.active:
+            job.stop.set()
+            job.message = "Interrupting: the current step finishes, then the embedding is saved…"
+        return job
+
+    def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        hooks = self.hooks
+        with hooks.lock():
+            job.status = "running"
+            hooks.begin(job.id, 0)
+            try:
+                with self._watch_host_interrupt(job):
+                    job.result = work(job) or {}
+                job.status = job.result.get("status", "finished")
+                job.message = job.result.get("message", job.message)
+            except Exception as exc:  # reported to the user through the status, not lost
+                job.status = "error"
+                job.message = str(exc) if isinstance(exc, TIError) else f"{type(exc).__name__}: {exc}"
+                logger.error("Job %s failed:\n%s", job.id, traceback.format_exc())
+            finally:
+                job.finished = time.time()
+                hooks.end()
+
+    @contextlib.contextmanager
+    def _watch_host_interrupt(self, job: Job) -> Iterator[None]:
+        """Forward the host's Interrupt button (polled) to the job's stop flag."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.25):
+                if self.hooks.host_interrupted():
+                    job.stop.set()
+                    return
+
+        watcher = threading.Thread(target=watch, name=f"tiext-watch-{job.id}", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()

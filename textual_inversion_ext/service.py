@@ -1,0 +1,102 @@
+"""What the UI and the API do, once, for any host: create, list, train, status, interrupt.
+
+A host (A1111 glue or the standalone app) builds one `Service` with its backend, folders and hooks;
+the Gradio tabs and the REST routes are thin layers over these methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends.protocol import Backend
+from .core import formats
+from .core.create import Created, CreateParams, create_embedding
+from .core.embedding import validate_name
+from .core.errors import EmbeddingFormatError, TIError
+from .core.run import RunRequest, run_training
+from .core.train_params import TrainParams
+from .jobs import Job, JobManager
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin", ".png")
+
+
+@dataclass
+class Service:
+    backend: Callable[[], Backend]  # the loaded model; called when needed (the host may switch models)
+    embeddings_dir: Path
+    log_root: Path
+    jobs: JobManager = field(default_factory=JobManager)
+    on_embeddings_changed: Callable[[], None] = lambda: None  # host: reload its embedding list
+
+    def embedding_path(self, name: str) -> Path:
+        name = validate_name(name)
+        for suffix in EMBEDDING_SUFFIXES:
+            path = self.embeddings_dir / f"{name}{suffix}"
+            if path.exists():
+                return path
+        raise TIError(f"No embedding named {name!r} in {self.embeddings_dir}.")
+
+    def list_embeddings(self) -> list[dict[str, Any]]:
+        out = []
+        if not self.embeddings_dir.is_dir():
+            return out
+        for path in sorted(self.embeddings_dir.iterdir()):
+            if path.suffix.lower() not in EMBEDDING_SUFFIXES or path.name.endswith(".preview.png"):
+                continue
+            try:
+                emb = formats.load_embedding(path).embedding
+            except EmbeddingFormatError:
+                continue  # plain images and foreign files live here too
+            out.append({"name": emb.name, "file": path.name, "vectors": emb.num_vectors, "dims": emb.dims,
+                        "step": emb.step, "sd_checkpoint": emb.sd_checkpoint,
+                        "training": self.jobs.is_training(emb.name)})
+        return out
+
+    def create(self, params: CreateParams) -> Created:
+        if self.jobs.is_training(validate_name(params.name)):
+            raise TIError(f"'{params.name}' is being trained; interrupt the training before replacing it.")
+        created = create_embedding(self.backend(), params, self.embeddings_dir)
+        self.on_embeddings_changed()
+        return created
+
+    def start_training(self, name: str, data_dir: str | Path, params: TrainParams) -> Job:
+        path = self.embedding_path(name)
+        data = Path(data_dir).expanduser()
+        if not data.is_dir():
+            raise TIError(f"The dataset folder {data} does not exist.")
+        request = RunRequest(path, data, self.log_root, params)
+
+        def work(job: Job) -> dict[str, Any]:
+            def on_progress(progress) -> None:
+                job.progress = progress
+                job.losses.append((progress.step, progress.loss))
+                self.jobs.hooks.update(progress.step, progress.end_step,
+                                       f"Step {progress.step}/{progress.end_step}, loss {progress.loss:.4f}")
+
+            outcome = run_training(self.backend(), request, progress=on_progress, stop=job.stop,
+                                   status=lambda text: setattr(job, "message", text))
+            self.on_embeddings_changed()
+            result = outcome.result
+            job.previews.extend(str(p) for p in result.previews)
+            return {"status": result.status, "message": result.message, "step": result.step,
+                    "embedding": str(result.final_path), "log_dir": str(outcome.paths.log_dir),
+                    "loss_csv": str(outcome.paths.loss_csv),
+                    "snapshots": [str(p) for p in result.snapshots]}
+
+        return self.jobs.start("train", path.stem, work)
+
+    def job_status(self, job_id: str | None = None, since_step: int = 0) -> dict[str, Any]:
+        job = self.jobs.get(job_id) if job_id else (self.jobs.current() or self.jobs.latest())
+        if job is None:
+            return {"status": "idle", "active": False, "message": "No training has run yet."}
+        return job.to_dict(since_step)
+
+    def interrupt(self, job_id: str | None = None) -> dict[str, Any]:
+        job = self.jobs.interrupt(job_id)
+        return job.to_dict() if job else {"status": "idle", "active": False, "message": "Nothing is training."}
