@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from textual_inversion_ext.core import formats
@@ -30,7 +32,8 @@ def test_host_loads_every_format_we_write(host_dir, host_api):
         result = host_api.call("POST", "/sdapi/v1/txt2img", {
             "prompt": "a photo of tiext-test-pt", "steps": 1, "width": 64, "height": 64, "seed": 1})
         assert result["images"]
-        assert "TI hashes: tiext-test-pt" in result["info"]  # the host used our embedding
+        infotext = json.loads(result["info"])["infotexts"][0]
+        assert 'TI hashes: "tiext-test-pt: ' in infotext  # the host recognised and used our embedding
     finally:
         for path in written:
             path.unlink(missing_ok=True)
