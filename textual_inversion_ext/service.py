@@ -7,7 +7,7 @@ the Gradio tabs and the REST routes are thin layers over these methods.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from .core import formats
 from .core.create import Created, CreateParams, create_embedding
 from .core.embedding import validate_name
 from .core.errors import EmbeddingFormatError, TIError
+from .core.params import from_record
 from .core.run import RunRequest, run_training
 from .core.train_params import TrainParams
 from .jobs import Job, JobManager
@@ -33,6 +34,10 @@ class Service:
     log_root: Path
     jobs: JobManager = field(default_factory=JobManager)
     on_embeddings_changed: Callable[[], None] = lambda: None  # host: reload its embedding list
+    # Host settings that fill in the TrainParams fields a request leaves out (A1111: its training options).
+    train_defaults: Callable[[], dict[str, Any]] = dict
+    # Last adjustments before a run starts (A1111: "auto" precision -> the host's dtype, log folder).
+    before_training: Callable[[TrainParams], TrainParams] = lambda params: params
 
     def embedding_path(self, name: str) -> Path:
         name = validate_name(name)
@@ -65,8 +70,13 @@ class Service:
         self.on_embeddings_changed()
         return created
 
+    def train_params(self, record: Mapping[str, Any]) -> TrainParams:
+        """TrainParams from the host's defaults overlaid with `record` (validated; unknown keys fail)."""
+        return from_record(TrainParams, {**self.train_defaults(), **record})
+
     def start_training(self, name: str, data_dir: str | Path, params: TrainParams) -> Job:
         path = self.embedding_path(name)
+        params = self.before_training(params)
         data = Path(data_dir).expanduser()
         if not data.is_dir():
             raise TIError(f"The dataset folder {data} does not exist.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import torch
 
@@ -29,11 +30,13 @@ def test_host_loads_every_format_we_write(host_dir, host_api):
         assert loaded["tiext-test-pt"]["step"] == 7
         assert loaded["tiext-test-pt"]["sd_checkpoint"] == "0123456789"
         # the trigger word works in a generation
+        # a fresh prompt each run: the host caches conditioning (and drops TI hashes) for a repeated one
         result = host_api.call("POST", "/sdapi/v1/txt2img", {
-            "prompt": "a photo of tiext-test-pt", "steps": 1, "width": 64, "height": 64, "seed": 1})
+            "prompt": f"a photo of tiext-test-pt, {uuid.uuid4().hex[:8]}", "steps": 1, "width": 64, "height": 64,
+            "seed": 1})
         assert result["images"]
         infotext = json.loads(result["info"])["infotexts"][0]
-        assert 'TI hashes: "tiext-test-pt: ' in infotext  # the host recognised and used our embedding
+        assert 'TI hashes: "tiext-test-pt: ' in infotext, result["info"]  # the host used our embedding
     finally:
         for path in written:
             path.unlink(missing_ok=True)
