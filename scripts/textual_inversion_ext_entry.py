@@ -1,13 +1,11 @@
 """A1111 entry point: the host imports every file in scripts/; this one stays thin.
 
-The tabs, settings and API arrive with the host integration; until then the extension only says
-that it is installed. Nothing heavy is imported here (no torch work at host start-up).
+It registers the extension's callbacks (settings, tabs, REST routes); everything else happens when
+the host calls them. Nothing heavy runs here (no model access at host start-up).
 """
 
 from __future__ import annotations
 
-import logging
+from textual_inversion_ext.backends.a1111 import glue
 
-from textual_inversion_ext import __version__
-
-logging.getLogger("textual_inversion_ext").info("Textual Inversion extension %s loaded", __version__)
+glue.register()

@@ -1,0 +1,177 @@
+"""Training through our REST API inside the real A1111 host (WEBUI_DIR; the extension linked in and
+the webui started with TIEXT_DEBUG=1 for the fault-injection and model-state routes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from textual_inversion_ext.core import formats
+
+V1 = "/textual-inversion-ext/v1"
+
+
+def tiext(api, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
+    try:
+        return 200, api.call(method, V1 + path, body)
+    except urllib.error.HTTPError as exc:  # our errors are JSON with a 4xx status
+        return exc.code, json.loads(exc.read().decode())
+
+
+def wait(api, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, job = tiext(api, "GET", f"/jobs/{job_id}")
+        assert status == 200, job
+        if not job["active"]:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiext-host-data")
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        img = Image.new("RGB", (64, 64), (20 * i, 40, 90))
+        ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=colour)
+        img.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} circle")
+    return folder
+
+
+@pytest.fixture
+def embedding(host_api, host_dir):
+    """A fresh 2-vector embedding in the host's embeddings folder, removed afterwards."""
+    name = f"tiext-host-{int(time.time() * 1000) % 10**8}"
+    status, body = tiext(host_api, "POST", "/create", {"name": name, "init_text": "red circle"})
+    assert status == 200, body
+    yield name
+    for path in (host_dir / "embeddings").glob(f"{name}.pt*"):
+        path.unlink()
+    host_api.call("POST", "/sdapi/v1/refresh-embeddings")
+
+
+def debug_available(api) -> bool:
+    return tiext(api, "GET", "/debug/model")[0] == 200
+
+
+FAST = {"resolution": 64, "save_every": 0, "preview_every": 0, "csv_every": 1}
+
+
+def test_train_finishes_and_host_uses_the_embedding(host_api, host_dir, embedding, dataset):
+    status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset), "max_steps": 30,
+                                                       **FAST, "preview_every": 15, "preview_steps": 3})
+    assert status == 200, body
+    frozen_seen = None
+    if debug_available(host_api):
+        while True:  # while it trains, the UNet must be frozen
+            state = tiext(host_api, "GET", "/debug/model")[1]
+            job = tiext(host_api, "GET", "/jobs/current")[1]
+            if state["embedding_registered"]:
+                frozen_seen = state["unet_trainable_tensors"]
+                break
+            if not job["active"]:
+                break
+            time.sleep(0.05)
+    job = wait(host_api, body["job_id"])
+    assert job["status"] == "finished", job
+    assert job["step"] == 30 and [s for s, _ in job["losses"]][-1] == 30
+    assert len(job["previews"]) == 2 and all(Path(p).is_file() for p in job["previews"])
+    log_dir = Path(job["result"]["log_dir"])
+    assert (host_dir / "embeddings") not in log_dir.parents  # logs never land in the embeddings folder
+    path = host_dir / "embeddings" / f"{embedding}.pt"
+    saved = formats.load_embedding(path).embedding
+    assert saved.step == 30 and saved.num_vectors == 2
+    loaded = host_api.call("GET", "/sdapi/v1/embeddings")["loaded"]
+    assert loaded[embedding]["vectors"] == 2 and loaded[embedding]["step"] == 30
+    result = host_api.call("POST", "/sdapi/v1/txt2img", {"prompt": f"a photo of {embedding}", "steps": 2,
+                                                         "width": 64, "height": 64, "seed": 1})
+    assert result["images"] and f"{embedding}: " in json.loads(result["info"])["infotexts"][0]
+    if frozen_seen is not None:
+        assert frozen_seen == 0, "UNet weights were trainable during training"
+        after = tiext(host_api, "GET", "/debug/model")[1]
+        assert after["unet_trainable_tensors"] > 0 and not after["embedding_registered"]  # restored
+
+
+def test_interrupt_saves_and_second_request_is_409(host_api, host_dir, embedding, dataset):
+    status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset),
+                                                       "max_steps": 100000, **FAST})
+    assert status == 200, body
+    while (tiext(host_api, "GET", "/jobs/current")[1].get("step") or 0) < 3:
+        time.sleep(0.1)
+    status, busy = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset)})
+    assert status == 409 and embedding in busy["error"]
+    status, _ = tiext(host_api, "POST", "/interrupt", {})
+    assert status == 200
+    job = wait(host_api, body["job_id"])
+    assert job["status"] == "interrupted" and job["step"] >= 3
+    saved = formats.load_embedding(host_dir / "embeddings" / f"{embedding}.pt").embedding
+    assert saved.step == job["step"]
+    loaded = host_api.call("GET", "/sdapi/v1/embeddings")["loaded"]
+    assert loaded[embedding]["step"] == job["step"]
+
+
+def test_host_interrupt_button_stops_our_job(host_api, embedding, dataset):
+    status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset),
+                                                       "max_steps": 100000, **FAST})
+    assert status == 200, body
+    while (tiext(host_api, "GET", "/jobs/current")[1].get("step") or 0) < 2:
+        time.sleep(0.1)
+    progress = host_api.call("GET", "/sdapi/v1/progress?skip_current_image=true")
+    assert progress["state"]["job"] == body["job_id"] and progress["state"]["job_count"] == 100000
+    host_api.call("POST", "/sdapi/v1/interrupt")
+    assert wait(host_api, body["job_id"])["status"] == "interrupted"
+
+
+def test_error_inside_the_loop_saves_and_reports(host_api, host_dir, embedding, dataset):
+    if not debug_available(host_api):
+        pytest.skip("start the webui with TIEXT_DEBUG=1 for fault injection")
+    assert tiext(host_api, "POST", "/debug/fail", {"after": 5})[0] == 200
+    status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset), "max_steps": 30,
+                                                       **FAST})
+    assert status == 200, body
+    job = wait(host_api, body["job_id"])
+    assert job["status"] == "error" and "injected failure" in job["message"] and "step 5" in job["message"]
+    saved = formats.load_embedding(host_dir / "embeddings" / f"{embedding}.pt").embedding
+    assert saved.step == 5
+    state = tiext(host_api, "GET", "/debug/model")[1]
+    assert state["unet_trainable_tensors"] > 0 and not state["embedding_registered"]  # restored on error too
+
+
+# Defaults to restore when an option was never saved (GET /sdapi/v1/options omits those).
+DEFAULTS = {"training_write_csv_every": 500, "tiext_save_every": 500, "save_optimizer_state": False,
+            "training_xattention_optimizations": False}
+
+
+def _set_options(api, values: dict) -> dict:
+    current = api.call("GET", "/sdapi/v1/options")
+    api.call("POST", "/sdapi/v1/options", values)
+    return {k: current.get(k, DEFAULTS[k]) if current.get(k) is not None else DEFAULTS[k] for k in values}
+
+
+def test_settings_change_what_training_does(host_api, host_dir, embedding, dataset):
+    old = _set_options(host_api, {"training_write_csv_every": 2, "tiext_save_every": 4, "save_optimizer_state": True,
+                                  "training_xattention_optimizations": False})
+    try:
+        status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset),
+                                                           "max_steps": 8, "resolution": 64, "preview_every": 0})
+        assert status == 200, body
+        job = wait(host_api, body["job_id"])
+        assert job["status"] == "finished", job
+        log_dir = Path(job["result"]["log_dir"])
+        with open(log_dir / "textual_inversion_loss.csv") as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4, 6, 8]  # training_write_csv_every
+        assert sorted(p.name for p in (log_dir / "embeddings").glob("*.pt")) == [
+            f"{embedding}-4.pt", f"{embedding}-8.pt"]  # tiext_save_every
+        assert (host_dir / "embeddings" / f"{embedding}.pt.optim").is_file()  # save_optimizer_state
+        record = json.loads((log_dir / "run.json").read_text())["params"]
+        assert record["attention_optimizations"] is False and record["precision"] == "fp32"
+    finally:
+        _set_options(host_api, old)

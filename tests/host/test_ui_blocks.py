@@ -1,0 +1,175 @@
+"""The tabs built with a real gradio (the host's 3.41.2; also runs on 4.40): layout, one control per
+TrainParams field with the field's type/default/bounds, values back to TrainParams, the polling
+wiring (also once rendered inside an outer Blocks, as the host does), and the served endpoints.
+
+Run: WEBUI_DIR=$LAB/webui PYTHONPATH=. $LAB/venv/bin/python -m pytest -q tests/host/test_ui_blocks.py
+(the host venv has no diffusers: the service runs on a model-free stub backend)."""
+
+from __future__ import annotations
+
+import inspect
+import socket
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from _ui_fakes import ScriptedService, hold_a_job, job, stub_service  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from textual_inversion_ext.core.params import fields_of  # noqa: E402
+from textual_inversion_ext.core.train_params import TrainParams  # noqa: E402
+from textual_inversion_ext.ui import build_tabs, compat, status  # noqa: E402
+from textual_inversion_ext.ui.blocks import POLL_SECONDS, PREPROCESS_PLACEHOLDER  # noqa: E402
+from textual_inversion_ext.ui.controls import control_specs, params_from_values  # noqa: E402
+
+KINDS = {"checkbox": gr.Checkbox, "radio": gr.Radio, "dropdown": gr.Dropdown, "slider": gr.Slider,
+         "number": gr.Number, "textbox": gr.Textbox}
+TRAIN_SPECS = control_specs(TrainParams, "tiext_train_")
+
+
+@pytest.fixture
+def service(tmp_path):
+    return stub_service(tmp_path)
+
+
+@pytest.fixture
+def blocks(service):
+    return build_tabs(service)
+
+
+def by_id(blocks) -> dict:
+    return {b.elem_id: b for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+
+
+def choice_values(component) -> list:
+    return [c[1] if isinstance(c, tuple | list) else c for c in component.choices]  # 4.x: (label, value)
+
+
+def fns(blocks) -> list:
+    return list(blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
+
+
+def poll_once(blocks, cache):
+    """Call the polling event's function once (3.41 wraps an `every=` fn into an endless generator)."""
+    status_id = by_id(blocks)["tiext_train_status"]._id
+    fn = next(f for f in fns(blocks) if [o._id for o in f.outputs][:1] == [status_id]).fn
+    out = fn(cache)
+    return next(out) if inspect.isgenerator(out) else out
+
+
+def test_sub_tabs_ids_and_placeholder(blocks):
+    tabs = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
+    assert [t.label for t in tabs] == ["Create embedding", "Preprocess images", "Train"]
+    ids = by_id(blocks)
+    assert all(i.startswith("tiext_") for i in ids)
+    assert PREPROCESS_PLACEHOLDER in ids["tiext_preprocess_placeholder"].value
+    for needed in ("tiext_create_name", "tiext_create_init_text", "tiext_create_num_vectors", "tiext_create_button",
+                   "tiext_train_embedding", "tiext_train_refresh", "tiext_train_data_dir", "tiext_train_button",
+                   "tiext_interrupt_button", "tiext_train_status", "tiext_train_loss_chart", "tiext_train_previews",
+                   "tiext_train_message"):
+        assert needed in ids, needed
+    assert isinstance(ids["tiext_train_loss_chart"], gr.LinePlot)
+    assert isinstance(ids["tiext_train_previews"], gr.Gallery)
+
+
+def test_every_train_field_has_a_control_with_its_type_default_and_bounds(blocks):
+    ids = by_id(blocks)
+    assert len(TRAIN_SPECS) == len(fields_of(TrainParams))
+    for spec in TRAIN_SPECS:
+        comp = ids[spec.elem_id]
+        assert type(comp) is KINDS[spec.kind], spec.name
+        assert (comp.label, comp.info) == (spec.label, spec.info), spec.name
+        assert comp.value == spec.default, spec.name
+        if spec.kind in ("slider", "number"):
+            assert (comp.minimum, comp.maximum) == (spec.minimum, spec.maximum), spec.name
+        if spec.kind == "slider":
+            assert comp.step == spec.step, spec.name
+        if spec.kind in ("radio", "dropdown"):
+            assert choice_values(comp) == list(spec.choices), spec.name
+    non_main = {s.section for s in TRAIN_SPECS} - {"main"}
+    accordions = {b.label for b in blocks.blocks.values() if isinstance(b, gr.Accordion)}
+    assert accordions == {s.capitalize() for s in non_main}
+
+
+def test_control_values_round_trip_to_train_params(blocks):
+    ids = by_id(blocks)
+    values = [ids[s.elem_id].value for s in TRAIN_SPECS]
+    assert params_from_values(TrainParams, TRAIN_SPECS, values) == TrainParams()
+    # what the components hand a handler after preprocessing, e.g. floats from a Number box
+    processed = [ids[s.elem_id].preprocess(v) if s.kind != "dropdown" else v for s, v in zip(TRAIN_SPECS, values)]
+    assert params_from_values(TrainParams, TRAIN_SPECS, processed) == TrainParams()
+
+
+def _poll_dependency(blocks) -> dict:
+    config = blocks.get_config_file()
+    ids = by_id(blocks)
+    want = [ids["tiext_train_status"]._id, ids["tiext_train_loss_chart"]._id, ids["tiext_train_previews"]._id]
+    deps = [d for d in config["dependencies"] if d["outputs"][:3] == want]
+    if compat.GRADIO_MAJOR < 4:
+        return next(d for d in deps if d.get("every") == POLL_SECONDS)
+    timers = {b._id: b for b in blocks.blocks.values() if type(b).__name__ == "Timer"}
+    dep = next(d for d in deps if any(t[1] == "tick" for t in d["targets"]))
+    assert timers[dep["targets"][0][0]].value == POLL_SECONDS
+    return dep
+
+
+def test_polling_is_wired_and_survives_being_rendered_inside_the_host(blocks):
+    assert _poll_dependency(blocks)
+    # what the host does with the Blocks on_ui_tabs returns
+    with gr.Blocks(analytics_enabled=False) as outer, gr.Tabs(), gr.Tab("Textual Inversion"):
+        blocks.render()
+    assert _poll_dependency(outer)
+
+
+def test_poll_outputs_are_accepted_by_the_components(tmp_path):
+    picture = tmp_path / "toy-3.png"
+    Image.new("RGB", (16, 16), "red").save(picture)
+    service = ScriptedService([job(losses=[(1, 1.0), (2, 0.5), (3, 0.25)], previews=[str(picture)])])
+    blocks = build_tabs(service)
+    ids = by_id(blocks)
+    cache = status.LossCache()
+    text, frame, pictures, same = poll_once(blocks, cache)
+    assert same is cache and [s for s, _ in cache.raw] == [1, 2, 3]  # updated in place (see LossCache)
+    assert text.startswith("toy: running · step 3/100")
+    assert list(frame.columns) == ["step", "loss", "series"] and len(frame) == 6
+    assert ids["tiext_train_loss_chart"].postprocess(frame) is not None
+    assert pictures == [(str(picture), "toy-3")]
+    assert ids["tiext_train_previews"].postprocess(pictures)
+    unchanged = poll_once(blocks, cache)  # nothing new: gr.update() leaves chart and gallery alone
+    assert unchanged[1] == compat.no_change() and unchanged[2] == compat.no_change()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_endpoints_create_train_refusal_and_interrupt(service, tmp_path):
+    from gradio_client import Client
+
+    from textual_inversion_ext.ui.app import launch
+
+    data = tmp_path / "data"
+    data.mkdir()
+    port = _free_port()
+    app = launch(service, port=port, block=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        message, _ = client.predict("toy", "blue bmw", 0, "pool", False, api_name="/tiext_create")
+        assert "Created" in message and "2 vectors" in message
+        assert [e["name"] for e in service.list_embeddings()] == ["toy"]
+        again, _ = client.predict("toy", "blue bmw", 0, "pool", False, api_name="/tiext_create")
+        assert "already exists" in again
+
+        defaults = [s.default for s in TRAIN_SPECS]
+        release = hold_a_job(service, "other")
+        try:
+            refused = client.predict("toy", str(data), *defaults, api_name="/tiext_train")
+            assert "'other' is training" in refused and "Traceback" not in refused
+            assert client.predict(api_name="/tiext_interrupt").startswith("Interrupting")
+        finally:
+            release.set()
+    finally:
+        app.close()

@@ -1,0 +1,255 @@
+"""REST API under /textual-inversion-ext/v1/: plain handlers over `Service`, and their FastAPI routes.
+
+Each handler is `(service, body) -> dict` and raises `ApiError` (status + message), so the handlers
+are tested without FastAPI; `register_routes` (FastAPI imported lazily) turns every failure into
+JSON `{"error": message}` with a 4xx status — never a 500 with a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .core.create import CreateParams
+from .core.errors import TIError
+from .core.params import ParameterError, fields_of, from_record, json_schema
+from .core.train_params import TrainParams
+from .jobs import BusyError
+from .service import Service
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/textual-inversion-ext/v1"
+
+Handler = Callable[[Service, dict[str, Any]], dict[str, Any]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _typed(cls: type, record: dict[str, Any]) -> dict[str, Any]:
+    """Check JSON types before the dataclass sees them (a string max_steps must be a 422, not a crash)."""
+    types = {info.name: info.type for info in fields_of(cls)}
+    for key, value in record.items():
+        want = types.get(key)
+        if want is None:
+            continue  # from_record names unknown keys
+        ok = (isinstance(value, bool) if want is bool
+              else isinstance(value, int) and not isinstance(value, bool) if want is int
+              else isinstance(value, int | float) and not isinstance(value, bool) if want is float
+              else isinstance(value, want))
+        if not ok:
+            raise ApiError(422, f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}.")
+    return record
+
+
+def _params(cls: type, record: dict[str, Any], build: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+    record = _typed(cls, record)
+    try:
+        return build(record) if build else from_record(cls, record)
+    except (ParameterError, ValueError, TypeError) as exc:
+        raise ApiError(422, str(exc)) from exc
+
+
+def _name(body: dict[str, Any], key: str = "name") -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(422, f"{key!r} is required (a string).")
+    return value
+
+
+# ------------------------------------------------------------------ handlers
+
+
+def version(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "textual_inversion_ext", "version": __version__, "api": "v1"}
+
+
+def create(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    params = _params(CreateParams, dict(body))
+    target = service.embeddings_dir / f"{params.name}.pt"
+    if target.exists() and not params.overwrite:
+        raise ApiError(409, f"{target.name} already exists; choose another name or set overwrite.")
+    created = service.create(params)
+    emb = created.embedding
+    return {"name": emb.name, "file": str(created.path), "vectors": emb.num_vectors, "dims": emb.dims,
+            "message": created.message}
+
+
+def train(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    record = dict(body)
+    name = _name(record)
+    record.pop("name")
+    data_dir = record.pop("data_dir", None)
+    if not isinstance(data_dir, str) or not data_dir.strip():
+        raise ApiError(422, "'data_dir' is required (the dataset folder on the server).")
+    params = _params(TrainParams, record, service.train_params)
+    try:
+        service.embedding_path(name)
+    except TIError as exc:
+        raise ApiError(404, str(exc)) from exc
+    job = service.start_training(name, data_dir, params)
+    return {"job_id": job.id, "job": job.to_dict()}
+
+
+def _since(body: dict[str, Any]) -> int:
+    raw = body.get("since_step", 0)
+    try:
+        return int(raw or 0)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(422, f"since_step must be an integer, got {raw!r}.") from exc
+
+
+def job(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return service.job_status(_name(body, "id"), since_step=_since(body))
+    except TIError as exc:
+        raise ApiError(404, str(exc)) from exc
+
+
+def current_job(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    return service.job_status(None, since_step=_since(body))
+
+
+def interrupt(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    job_id = body.get("id")
+    try:
+        return service.interrupt(job_id if isinstance(job_id, str) and job_id else None)
+    except TIError as exc:
+        raise ApiError(404, str(exc)) from exc
+
+
+def embeddings(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    return {"embeddings_dir": str(service.embeddings_dir), "embeddings": service.list_embeddings()}
+
+
+def schema(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    train_schema = json_schema(TrainParams)
+    train_schema["properties"] = {
+        "name": {"type": "string", "title": "Embedding", "description": "Name of an existing embedding."},
+        "data_dir": {"type": "string", "title": "Dataset folder", "description": "Folder of images on the server."},
+        **train_schema["properties"],
+    }
+    train_schema["required"] = ["name", "data_dir"]
+    for key, value in service.train_defaults().items():  # the host's settings are the effective defaults
+        train_schema["properties"][key]["default"] = value
+    create_schema = json_schema(CreateParams)
+    create_schema["required"] = ["name"]
+    return {"create": create_schema, "train": train_schema}
+
+
+# ------------------------------------------------------------------ dispatch
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/version", version),
+    ("GET", "/schema", schema),
+    ("GET", "/embeddings", embeddings),
+    ("POST", "/create", create),
+    ("POST", "/train", train),
+    ("GET", "/jobs/current", current_job),  # before /jobs/{id}
+    ("GET", "/jobs/{id}", job),
+    ("POST", "/interrupt", interrupt),
+)
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become null (strict JSON encoders refuse NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def dispatch(handler: Handler, service: Service, body: Any) -> tuple[int, dict[str, Any]]:
+    """Run a handler; every failure becomes (4xx, {"error": message}) — unexpected ones (500) log a trace."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        return 422, {"error": "The request body must be a JSON object."}
+    try:
+        return 200, _json_safe(handler(service, body))
+    except ApiError as exc:
+        return exc.status, {"error": exc.message}
+    except BusyError as exc:
+        return 409, {"error": str(exc)}
+    except ParameterError as exc:
+        return 422, {"error": str(exc)}
+    except TIError as exc:
+        return 400, {"error": str(exc)}
+    except Exception as exc:
+        logger.exception("API %s failed", getattr(handler, "__name__", handler))
+        return 500, {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def register_routes(app: Any, service: Service, dependencies: Sequence[Any] = (), *,
+                    debug: bool = False) -> None:
+    """Add the routes to a FastAPI app (the host's); `dependencies`, e.g. HTTP basic auth, apply to all."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def endpoint(method: str, handler: Handler) -> Callable[..., Any]:
+        async def serve(request):  # annotated below: FastAPI resolves names against module globals
+            body: dict[str, Any] = {**request.query_params, **request.path_params}
+            if method == "POST":
+                raw = await request.body()
+                if raw.strip():
+                    try:
+                        data = json.loads(raw)
+                    except ValueError as exc:
+                        return JSONResponse({"error": f"The body is not valid JSON: {exc}"}, status_code=422)
+                    if not isinstance(data, dict):
+                        return JSONResponse({"error": "The request body must be a JSON object."}, status_code=422)
+                    body.update(data)
+            # The handlers block on disk and (create) the model: run them off the event loop.
+            from starlette.concurrency import run_in_threadpool
+
+            status, content = await run_in_threadpool(dispatch, handler, service, body)
+            return JSONResponse(content, status_code=status)
+
+        serve.__annotations__ = {"request": Request, "return": JSONResponse}
+        serve.__name__ = f"tiext_{handler.__name__}"
+        return serve
+
+    routes = list(ROUTES)
+    if debug:
+        routes += [("GET", "/debug/model", debug_model), ("POST", "/debug/fail", debug_fail)]
+    for method, path, handler in routes:
+        app.add_api_route(PREFIX + path, endpoint(method, handler), methods=[method],
+                          dependencies=list(dependencies), include_in_schema=True)
+    logger.info("Textual Inversion API: %d routes under %s", len(routes), PREFIX)
+
+
+# ------------------------------------------------------------------ debug (TIEXT_DEBUG=1 only)
+
+
+def debug_model(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """The backend's model state (frozen weights, options in force) — for tests of the host backend."""
+    backend = service.backend()
+    state = getattr(backend, "debug_state", None)
+    if state is None:
+        raise ApiError(404, "This backend has no debug state.")
+    return state()
+
+
+def debug_fail(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """Arm one injected failure inside the training loop after `after` loss evaluations."""
+    after = body.get("after")
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise ApiError(422, "'after' must be a non-negative integer.")
+    backend = service.backend()
+    arm = getattr(backend, "arm_failure", None)
+    if arm is None:
+        raise ApiError(404, "This backend cannot inject failures.")
+    arm(after)
+    return {"armed": True, "after": after}

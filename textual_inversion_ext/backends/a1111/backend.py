@@ -1,0 +1,283 @@
+"""`Backend` on `shared.sd_model` as the A1111 host loaded it (SD1/SD2; no second copy).
+
+Text goes through the host's own hijacked CLIP (`cond_stage_model(prompts)`): the trainable
+vectors are registered as a host `Embedding` whose `.vec` the hijack splices in with `torch.cat`,
+so prompt parsing, emphasis, clip-skip and padding are exactly what inference uses, and gradients
+reach the vectors. The loss uses the model's own `q_sample`/`apply_model`/`get_v`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ...core.embedding import SINGLE
+from ...core.errors import ModelError
+from ..protocol import LatentDist, ModelInfo, TrainingOptions, frozen
+
+logger = logging.getLogger(__name__)
+
+
+def check_supported(sd_model: Any, cmd_opts: Any) -> str:
+    """The model family ("sd1" | "sd2"), or a ModelError saying why this model/launch cannot train."""
+    if getattr(cmd_opts, "lowvram", False):
+        raise ModelError("Training is not possible with --lowvram (the host refuses it too: the UNet is "
+                         "streamed block by block, which backpropagation cannot follow). Restart without "
+                         "--lowvram; --medvram works.")
+    if sd_model is None:
+        raise ModelError("No Stable Diffusion model is loaded; choose a checkpoint first.")
+    if hasattr(sd_model, "forge_objects"):
+        raise ModelError("This is a Forge model; the A1111 backend cannot train on it.")
+    if getattr(sd_model, "is_sdxl", False):
+        raise ModelError("SDXL models cannot be trained in the web UI yet (planned); load an SD1.x or "
+                         "SD2.x checkpoint. SDXL embeddings made elsewhere still load.")
+    key = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
+    if key in ("hybrid", "concat"):
+        raise ModelError("Inpainting and instruct-pix2pix models are not supported for training; load the "
+                         "base SD1.x/SD2.x checkpoint.")
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    raise ModelError(f"Unsupported model type {type(sd_model).__name__}: only SD1.x and SD2.x can be trained.")
+
+
+def token_table(cond_stage_model: Any) -> torch.nn.Embedding:
+    """The CLIP token-embedding table, under the hijack's `EmbeddingsWithFixes` wrapper if present."""
+    wrapped = getattr(cond_stage_model, "wrapped", cond_stage_model)
+    if hasattr(wrapped, "transformer"):  # SD1: HF CLIPTextModel
+        table = wrapped.transformer.text_model.embeddings.token_embedding
+    elif hasattr(wrapped, "model") and hasattr(wrapped.model, "token_embedding"):  # SD2: OpenCLIP
+        table = wrapped.model.token_embedding
+    else:
+        raise ModelError(f"Cannot find the token-embedding table of {type(wrapped).__name__}.")
+    return getattr(table, "wrapped", table)
+
+
+@contextlib.contextmanager
+def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
+    """Turn off ldm's built-in checkpointing (`use_checkpoint: True` in the stock SD configs).
+
+    ldm's CheckpointFunction asks autograd for the gradient of every block parameter, which fails
+    once the weights are frozen; the host's own TI only works because it leaves the UNet trainable.
+    Checkpointing, when wanted, comes from the host's `sd_hijack_checkpoint` (torch's checkpoint)."""
+    saved = []
+    for module in unet.modules():
+        for attr in ("use_checkpoint", "checkpoint"):
+            value = module.__dict__.get(attr)
+            if isinstance(value, bool):
+                saved.append((module, attr, value))
+                setattr(module, attr, False)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+class A1111Backend:
+    """The host's loaded model. Build it under the host's model (its checks run in __init__)."""
+
+    def __init__(self, sd_model: Any | None = None) -> None:
+        from modules import devices, shared  # host import: only in this package
+
+        model = shared.sd_model if sd_model is None else sd_model
+        family = check_supported(model, shared.cmd_opts)
+        self.model = model
+        self.device = torch.device(devices.device)
+        table = token_table(model.cond_stage_model)
+        prediction = {"eps": "epsilon", "v": "v_prediction"}.get(getattr(model, "parameterization", "eps"))
+        if prediction is None:
+            raise ModelError(f"Unsupported parameterization {model.parameterization!r} (eps or v only).")
+        info = getattr(model, "sd_checkpoint_info", None)
+        self.info = ModelInfo(
+            family=family,
+            encoders={SINGLE: int(table.weight.shape[1])},
+            resolution=768 if family == "sd2" and prediction == "v_prediction" else 512,
+            name=str(getattr(info, "model_name", None) or "unknown model"),
+            short_hash=getattr(info, "shorthash", None),
+            prediction=prediction,
+        )
+        self._host_embedding: Any = None  # our registered host Embedding (kept; .vec updated per call)
+        self._replaced: tuple[str, Any] | None = None  # (name, DB entry we displaced) restored after a session
+        self._vae_home: torch.device | None = None
+        self.fail_after_losses: int | None = None  # debug: raise inside the loop after N loss calls
+        self._loss_calls = 0
+
+    # ----------------------------------------------------------------- text
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.model.num_timesteps)
+
+    def token_rows(self, token_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        table = token_table(self.model.cond_stage_model)
+        index = torch.tensor(list(token_ids), dtype=torch.long, device=table.weight.device)
+        return {SINGLE: table.weight.detach()[index].to(self.device, torch.float32).clone()}
+
+    def _check_vectors(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        dim = self.info.encoders[SINGLE]
+        if SINGLE not in vectors:
+            raise ModelError(f"This {self.info.family.upper()} model needs vectors under {SINGLE!r}; got "
+                             f"{sorted(vectors)} (an SDXL embedding?).")
+        vec = vectors[SINGLE]
+        if vec.ndim != 2 or vec.shape[1] != dim:
+            raise ModelError(f"The embedding's vectors have shape {tuple(vec.shape)} but this model needs "
+                             f"(n, {dim}): it was made for another model family.")
+        return vec
+
+    def _register(self, trigger: str, vec: torch.Tensor) -> None:
+        """Make the host's embedding DB splice `vec` for `trigger` (re-registered if a reload replaced it)."""
+        from modules import sd_hijack
+        from modules.textual_inversion.textual_inversion import Embedding
+
+        db = sd_hijack.model_hijack.embedding_db
+        emb = self._host_embedding
+        if emb is None or emb.name != trigger:
+            if self._replaced is None:
+                self._replaced = (trigger, db.word_embeddings.get(trigger))
+            emb = self._host_embedding = Embedding(vec, trigger)
+        emb.vec = vec
+        emb.vectors = int(vec.shape[0])  # the hijack reserves this many token slots
+        emb.shape = int(vec.shape[1])
+        if db.word_embeddings.get(trigger) is not emb:
+            db.register_embedding_by_name(emb, self.model, trigger)
+
+    def _unregister(self) -> None:
+        """Put back the DB entry our trainable embedding displaced (the file's, or nothing)."""
+        if self._replaced is None:
+            return
+        from modules import sd_hijack
+
+        name, previous = self._replaced
+        db = sd_hijack.model_hijack.embedding_db
+        if db.word_embeddings.get(name) is self._host_embedding:
+            db.register_embedding_by_name(previous, self.model, name)
+        self._replaced = None
+        self._host_embedding = None
+
+    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
+        if vectors:
+            self._register(trigger, self._check_vectors(vectors))
+        return self.model.cond_stage_model(list(prompts))
+
+    # --------------------------------------------------------------- images
+
+    def encode_images(self, pixels: torch.Tensor) -> LatentDist:
+        vae = self.model.first_stage_model
+        dtype = next(vae.parameters()).dtype
+        with torch.no_grad():
+            # medvram: the host's hook on encode_first_stage moves the VAE onto the GPU.
+            dist = self.model.encode_first_stage(pixels.to(self.device, dtype))
+        scale = float(self.model.scale_factor)
+        return LatentDist(mean=(dist.mean.float() * scale).to(self.device),
+                          std=(dist.std.float() * scale).to(self.device))
+
+    def training_loss(self, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+        self._loss_calls += 1
+        if self.fail_after_losses is not None and self._loss_calls > self.fail_after_losses:
+            self.fail_after_losses = None  # one injected failure per arming
+            raise RuntimeError(f"injected failure (debug) at loss call {self._loss_calls}")
+        m = self.model
+        latents = latents.to(self.device, torch.float32)
+        noise = noise.to(self.device, torch.float32)
+        t = timesteps.to(self.device).long()
+        # Per sample, unlike ldm's p_losses (which averages the batch): the trainer weights/masks samples.
+        noisy = m.q_sample(latents, t, noise)
+        pred = m.apply_model(noisy, t, cond)
+        target = m.get_v(latents, noise, t) if m.parameterization == "v" else noise
+        return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+    def preview(self, prompt: str, trigger: str, vectors: dict[str, torch.Tensor], *, seed: int, steps: int,
+                width: int, height: int, cfg_scale: float, negative_prompt: str = "") -> Image.Image:
+        from modules import processing
+
+        if vectors:
+            self._register(trigger, self._check_vectors(vectors))
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=self.model, prompt=prompt, negative_prompt=negative_prompt, seed=int(seed),
+            steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
+            do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True,
+        )
+        # The host caches conds by prompt text, not by vectors: fresh caches so a preview never reuses one.
+        p.cached_c = [None, None]
+        p.cached_uc = [None, None]
+        with self._vae_on_device(), contextlib.closing(p):
+            processed = processing.process_images(p)
+        if not processed.images:
+            raise ModelError("The host returned no preview image (interrupted?).")
+        return processed.images[0]
+
+    def arm_failure(self, after: int) -> None:
+        """Debug: make the loss evaluation after the next `after` ones raise (tests of the error path)."""
+        self._loss_calls = 0
+        self.fail_after_losses = after
+
+    # -------------------------------------------------------------- session
+
+    @contextlib.contextmanager
+    def _vae_on_device(self) -> Iterator[None]:
+        if self._vae_home is None:
+            yield
+            return
+        self.model.first_stage_model.to(self._vae_home)
+        try:
+            yield
+        finally:
+            self.model.first_stage_model.to("cpu")
+
+    def debug_state(self) -> dict[str, Any]:
+        """What a test needs to see that the model is held as promised (frozen, options applied)."""
+        from modules import sd_hijack_checkpoint
+
+        def trainable(module: torch.nn.Module) -> int:
+            return sum(1 for p in module.parameters() if p.requires_grad)
+
+        m = self.model
+        return {
+            "model": self.info.name, "family": self.info.family,
+            "unet_trainable_tensors": trainable(m.model),
+            "text_encoder_trainable_tensors": trainable(m.cond_stage_model),
+            "vae_trainable_tensors": trainable(m.first_stage_model),
+            "vae_device": str(next(m.first_stage_model.parameters()).device),
+            "gradient_checkpointing": bool(sd_hijack_checkpoint.stored),
+            "embedding_registered": self._host_embedding is not None,
+        }
+
+    @contextlib.contextmanager
+    def training_session(self, options: TrainingOptions) -> Iterator[None]:
+        from modules import sd_hijack, sd_hijack_checkpoint, shared
+
+        m = self.model
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._unregister)
+            stack.enter_context(frozen(m.model, m.cond_stage_model, m.first_stage_model))
+            stack.enter_context(ldm_checkpointing_off(m.model))
+            if options.gradient_checkpointing and not sd_hijack_checkpoint.stored:
+                sd_hijack_checkpoint.add()
+                stack.callback(sd_hijack_checkpoint.remove)
+            if not options.attention_optimizations:
+                # The host's plain attention; its configured optimization comes back afterwards.
+                sd_hijack.undo_optimizations()
+                stack.callback(sd_hijack.model_hijack.apply_optimizations)
+            if options.offload_vae and self.device.type != "cpu":
+                # "Move VAE and CLIP to RAM": latents are cached, so the VAE can go; CLIP cannot, the
+                # gradient flows through it every step.
+                parallel = shared.parallel_processing_allowed
+                shared.parallel_processing_allowed = False  # no live-preview decoding without the VAE
+                self._vae_home = next(m.first_stage_model.parameters()).device
+                m.first_stage_model.to("cpu")
+
+                def vae_back(home: torch.device = self._vae_home) -> None:
+                    m.first_stage_model.to(home)
+                    self._vae_home = None
+                    shared.parallel_processing_allowed = parallel
+
+                stack.callback(vae_back)
+            yield

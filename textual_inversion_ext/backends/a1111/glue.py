@@ -1,0 +1,185 @@
+"""Wires the extension into the A1111 host: one `Service` on the loaded model, settings, tabs, routes.
+
+`register()` is all the thin entry script calls; it only registers callbacks (no work at import or
+registration time: the model, the folders and the UI are looked at when the host calls back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import __version__
+from ...core.train_params import TrainParams
+from ...service import Service
+from . import settings
+from .hooks import host_hooks
+
+logger = logging.getLogger(__name__)
+
+TAB_TITLE, TAB_ID = "Textual Inversion", "textual_inversion_ext"
+DEBUG_ENV = "TIEXT_DEBUG"  # "1": also serve the debug routes (fault injection, model state) for tests
+
+_service: Service | None = None
+_backend: Any = None  # (sd_model, A1111Backend): rebuilt when the host switches models
+
+
+def current_backend() -> Any:
+    """The backend on the host's current model (the same object while the model stays)."""
+    global _backend
+    from modules import shared
+
+    from .backend import A1111Backend
+
+    model = shared.sd_model
+    if _backend is None or _backend[0] is not model:
+        _backend = (model, A1111Backend(model))
+    return _backend[1]
+
+
+def host_precision(params: TrainParams) -> TrainParams:
+    """'auto' → the dtype the host runs its model in (fp16 on GPU, fp32 with --no-half or on CPU)."""
+    from modules import devices
+
+    if params.precision != "auto":
+        return params
+    device = torch.device(devices.device)
+    if device.type != "cuda" or devices.dtype == torch.float32:
+        precision = "fp32"
+    else:
+        precision = "bf16" if devices.dtype == torch.bfloat16 else "fp16"
+    return dataclasses.replace(params, precision=precision)
+
+
+def reload_embeddings() -> None:
+    """After files changed: the host's DB reloads, and its cond caches forget old vectors."""
+    from modules import processing, sd_hijack
+
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def build_service() -> Service:
+    from modules import shared
+
+    from ...jobs import JobManager
+
+    embeddings_dir = Path(shared.cmd_opts.embeddings_dir)
+    service = Service(backend=current_backend, embeddings_dir=embeddings_dir,
+                      log_root=settings.log_root(embeddings_dir), jobs=JobManager(host_hooks()),
+                      on_embeddings_changed=reload_embeddings, train_defaults=settings.train_defaults)
+
+    def before_training(params: TrainParams) -> TrainParams:
+        service.log_root = settings.log_root(embeddings_dir)  # the setting may have changed since start-up
+        return host_precision(params)
+
+    service.before_training = before_training
+    return service
+
+
+def get_service() -> Service:
+    global _service
+    if _service is None:
+        _service = build_service()
+    return _service
+
+
+def api_dependencies() -> list[Any]:
+    """HTTP basic auth for our routes when the host runs with --api-auth (its routes get it; ours don't)."""
+    from modules import shared
+
+    auth = getattr(shared.cmd_opts, "api_auth", None)
+    if not auth:
+        return []
+    from fastapi import Depends
+
+    return [Depends(basic_auth(auth))]
+
+
+def parse_credentials(spec: str) -> dict[str, str]:
+    """`user:pass,user2:pass2` as the host reads --api-auth (a password may contain ':')."""
+    out = {}
+    for item in spec.split(","):
+        user, sep, password = item.strip().partition(":")
+        if sep:
+            out[user] = password
+    return out
+
+
+def basic_auth(spec: str) -> Any:
+    from secrets import compare_digest
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    credentials = parse_credentials(spec)
+
+    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:  # noqa: B008 (FastAPI idiom)
+        expected = credentials.get(given.username)
+        if expected is not None and compare_digest(given.password, expected):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+# ------------------------------------------------------------------ callbacks
+
+
+def on_ui_settings() -> None:
+    settings.register_options()
+
+
+def on_app_started(_demo: Any, app: Any) -> None:
+    from ... import api
+
+    api.register_routes(app, get_service(), dependencies=api_dependencies(),
+                        debug=os.environ.get(DEBUG_ENV) == "1")
+
+
+def on_ui_tabs() -> list[Any]:
+    try:  # helper module written alongside; import_module honours sys.modules (tests stub it)
+        ui = importlib.import_module("textual_inversion_ext.ui")
+    except ImportError as exc:
+        logger.info("Textual Inversion extension: no UI tabs (%s); the API is available", exc)
+        return []
+    build = getattr(ui, "build_tabs", None)
+    if build is None:
+        logger.info("Textual Inversion extension: ui.build_tabs is missing; no tabs")
+        return []
+    tabs = build(get_service())
+    if tabs is None:
+        return []
+    if isinstance(tabs, list | tuple):  # already [(blocks, title, elem_id), ...]
+        return list(tabs)
+    return [(tabs, TAB_TITLE, TAB_ID)]  # one gr.Blocks
+
+
+def _show_our_logs() -> None:
+    """The host configures logging only with --loglevel; without it, our INFO lines would vanish."""
+    package = logging.getLogger("textual_inversion_ext")
+    if logging.root.handlers or package.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[textual_inversion_ext] %(levelname)s %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+def register() -> None:
+    """Called by scripts/textual_inversion_ext_entry.py when the host loads the extension."""
+    from modules import script_callbacks
+
+    _show_our_logs()
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_app_started(on_app_started)
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    logger.info("Textual Inversion extension %s loaded (API under /textual-inversion-ext/v1/)", __version__)
