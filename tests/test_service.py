@@ -40,6 +40,19 @@ def test_create_list_train_and_status(service, demo_data):
     assert service.list_embeddings()[0]["step"] == 6
 
 
+def test_previews_are_published_while_training(service, demo_data):
+    service.create(CreateParams(name="toy", init_text="red robot"))
+    job = service.start_training("toy", demo_data, TrainParams(max_steps=100000, save_every=0, preview_every=2,
+                                                               preview_steps=2))
+    deadline = time.time() + 60
+    while not service.job_status(job.id)["previews"] and time.time() < deadline:
+        time.sleep(0.02)
+    running = service.job_status(job.id)
+    assert running["active"] and running["previews"][0].endswith("toy-2.png")
+    service.interrupt(job.id)
+    assert wait(service, job.id)["status"] == "interrupted"
+
+
 def test_second_job_is_refused_and_interrupt_saves(service, demo_data):
     service.create(CreateParams(name="toy", init_text="red robot"))
     job = service.start_training("toy", demo_data, TrainParams(max_steps=100000, save_every=0, preview_every=0))

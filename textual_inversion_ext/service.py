@@ -89,11 +89,14 @@ class Service:
                 self.jobs.hooks.update(progress.step, progress.end_step,
                                        f"Step {progress.step}/{progress.end_step}, loss {progress.loss:.4f}")
 
+            def on_artifact(kind: str, path: Path) -> None:
+                if kind == "preview":  # shown by the UI while training goes on
+                    job.previews.append(str(path))
+
             outcome = run_training(self.backend(), request, progress=on_progress, stop=job.stop,
-                                   status=lambda text: setattr(job, "message", text))
+                                   status=lambda text: setattr(job, "message", text), on_artifact=on_artifact)
             self.on_embeddings_changed()
             result = outcome.result
-            job.previews.extend(str(p) for p in result.previews)
             return {"status": result.status, "message": result.message, "step": result.step,
                     "embedding": str(result.final_path), "log_dir": str(outcome.paths.log_dir),
                     "loss_csv": str(outcome.paths.loss_csv),

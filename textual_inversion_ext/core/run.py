@@ -22,7 +22,7 @@ from .fileio import atomic_write_text
 from .params import to_record, validate
 from .templates import load_template
 from .train_params import TrainParams
-from .trainer import ProgressCallback, RunPaths, TrainResult, train
+from .trainer import ArtifactCallback, ProgressCallback, RunPaths, TrainResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def run_training(
     progress: ProgressCallback | None = None,
     status: Callable[[str], None] = logger.info,
     stop: threading.Event | None = None,
+    on_artifact: ArtifactCallback | None = None,
 ) -> RunOutcome:
     params = request.params
     validate(params)
@@ -102,7 +103,7 @@ def run_training(
     started = time.perf_counter()
     try:
         result = train(backend, embedding, data, params, paths, template_lines=template_lines,
-                       progress=progress, stop=stop, optimizer_state=optimizer_state)
+                       progress=progress, stop=stop, optimizer_state=optimizer_state, on_artifact=on_artifact)
     finally:
         elapsed = time.perf_counter() - started
         record["seconds"] = round(elapsed, 2)

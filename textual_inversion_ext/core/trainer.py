@@ -32,6 +32,7 @@ from .train_params import TrainParams
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Progress], None]
+ArtifactCallback = Callable[[str, Path], None]  # ("snapshot" | "preview", path), as soon as it is written
 
 
 @dataclass
@@ -95,6 +96,7 @@ def train(
     progress: ProgressCallback | None = None,
     stop: threading.Event | None = None,
     optimizer_state: dict | None = None,
+    on_artifact: ArtifactCallback | None = None,
 ) -> TrainResult:
     """Train `embedding` in place (its vectors and step are updated) and save it to `paths.final`."""
     stop = stop or threading.Event()
@@ -181,9 +183,13 @@ def train(
                         snap = paths.snapshots / f"{embedding.name}-{state.step}.pt"
                         save(snap)
                         result.snapshots.append(snap)
+                        if on_artifact:
+                            on_artifact("snapshot", snap)
                     if due_preview:
-                        result.previews.append(_preview(backend, embedding.name, state, params, preview_prompt,
-                                                        paths, data))
+                        image = _preview(backend, embedding.name, state, params, preview_prompt, paths, data)
+                        result.previews.append(image)
+                        if on_artifact:
+                            on_artifact("preview", image)
                     if progress and result.losses:
                         progress(Progress(state.step, schedule.end_step, result.losses[-1][1], lr,
                                           timer.s_per_step, timer.eta(schedule.end_step - state.step), epoch))
