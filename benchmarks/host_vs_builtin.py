@@ -9,6 +9,12 @@ RSS of the webui process is sampled from /proc during each run.
     WEBUI_DIR=$LAB/webui .venv/bin/python benchmarks/host_vs_builtin.py [--size 64] [--steps 30]
 Needs WEBUI_DIR (the webui folder) and the webui's API (WEBUI_URL, default http://127.0.0.1:7860);
 the webui's pid is read from --pid or <WEBUI_DIR>/../run/webui.pid (host-lab layout).
+
+For comparable peak memory each side should start in a fresh webui process (the host's trainer leaves
+UNet gradients allocated): pass --restart with a command that restarts the webui and returns when its
+API answers, e.g. with the host-lab scripts:
+
+    --restart "cd ../shared/host-lab && ./stop.sh && CKPT=full-sd15-random.safetensors ./start.sh"
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -156,6 +163,8 @@ def main() -> int:
     parser.add_argument("--pid", type=int, default=None)
     parser.add_argument("--attention", choices=["host", "on", "off"], default="host",
                         help="ours: attention optimizations as the host setting says (default), or forced")
+    parser.add_argument("--restart", default=None,
+                        help="shell command that restarts the webui (run before each side: fresh process)")
     args = parser.parse_args()
     webui = os.environ.get("WEBUI_DIR")
     if not webui:
@@ -163,7 +172,13 @@ def main() -> int:
         return 2
     webui_dir = Path(webui)
     base = os.environ.get("WEBUI_URL", "http://127.0.0.1:7860").rstrip("/")
-    pid = args.pid or int((webui_dir.parent / "run" / "webui.pid").read_text())
+
+    def fresh_pid() -> int:
+        if args.restart:
+            subprocess.run(args.restart, shell=True, check=True)
+        return args.pid or int((webui_dir.parent / "run" / "webui.pid").read_text())
+
+    pid = fresh_pid()
     model = api(base, "/sdapi/v1/options").get("sd_model_checkpoint")
     old_csv = api(base, "/sdapi/v1/options").get("training_write_csv_every", 500)
     api(base, "/sdapi/v1/options", {"training_write_csv_every": 1})
@@ -172,6 +187,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="tiext-bench-") as tmp:
             data = make_dataset(Path(tmp) / "data", args.size)
             host = run_host(base, webui_dir, pid, data, args.size, args.steps, Path(tmp))
+            if args.restart:  # options set through the API persist in config.json across the restart
+                pid = fresh_pid()
             ours = run_ours(base, webui_dir, pid, data, args.size, args.steps, extra)
     finally:
         api(base, "/sdapi/v1/options", {"training_write_csv_every": old_csv})
@@ -181,7 +198,8 @@ def main() -> int:
               "host_steps_per_s": 1 / host["s_per_step"] if host["s_per_step"] else None,
               "ours_steps_per_s": 1 / ours["s_per_step"] if ours["s_per_step"] else None,
               "speedup_ours_vs_host": ratio,
-              "peak_rss_ratio_ours_vs_host": ours["peak_rss_mb"] / host["peak_rss_mb"] if host["peak_rss_mb"] else None}
+              "peak_rss_ratio_ours_vs_host": ours["peak_rss_mb"] / host["peak_rss_mb"] if host["peak_rss_mb"] else None,
+              "fresh_process_per_side": bool(args.restart)}
     print(json.dumps(result, indent=2))
     return 0 if host["ok"] and ours["ok"] else 1
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from textual_inversion_ext.demo import make_sample_dataset
+from textual_inversion_ext.service import Service
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,9 @@ def demo_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo-data")
     make_sample_dataset(folder, size=96, seed=0)
     return folder
+
+
+@pytest.fixture
+def service(tiny_backend, tmp_path) -> Service:
+    """A standalone Service on the tiny model with fresh folders."""
+    return Service(backend=lambda: tiny_backend, embeddings_dir=tmp_path / "embeddings", log_root=tmp_path / "logs")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from textual_inversion_ext import api
 from textual_inversion_ext.service import Service
 
@@ -24,11 +22,6 @@ def wait(service: Service, job_id: str, timeout: float = 60) -> dict:
             return body
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still running")
-
-
-@pytest.fixture
-def service(tiny_backend, tmp_path):
-    return Service(backend=lambda: tiny_backend, embeddings_dir=tmp_path / "embeddings", log_root=tmp_path / "logs")
 
 
 def test_version_and_schema(service):

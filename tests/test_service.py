@@ -23,11 +23,6 @@ def wait(service: Service, job_id: str, timeout: float = 60) -> dict:
     raise AssertionError(f"job {job_id} still running: {status}")
 
 
-@pytest.fixture
-def service(tiny_backend, tmp_path):
-    return Service(backend=lambda: tiny_backend, embeddings_dir=tmp_path / "embeddings", log_root=tmp_path / "logs")
-
-
 def test_create_list_train_and_status(service, demo_data):
     service.create(CreateParams(name="toy", init_text="red robot"))
     assert [e["name"] for e in service.list_embeddings()] == ["toy"]
