@@ -44,6 +44,7 @@ def test_previews_are_published_while_training(service, demo_data):
         time.sleep(0.02)
     running = service.job_status(job.id)
     assert running["active"] and running["previews"][0].endswith("toy-2.png")
+    assert running["message"] == "Training…"  # not the stale "Encoding N images" set-up line
     service.interrupt(job.id)
     assert wait(service, job.id)["status"] == "interrupted"
 

@@ -195,7 +195,7 @@ def test_interrupt_with_nothing_running(tmp_path):
     assert (out.ok, out.message) == (False, "Nothing is training.")
 
 
-def test_poll_fetches_only_new_steps_and_reports_changes():
+def test_poll_fetches_only_new_steps_and_reports_changes(tmp_path):
     j = job(losses=[(1, 1.0), (2, 0.5)])
     service = ScriptedService([j])
     view = status.poll(service, None)
@@ -210,10 +210,14 @@ def test_poll_fetches_only_new_steps_and_reports_changes():
     assert service.calls[-1] == (None, 2)
 
     j["losses"].append([3, 0.25])
-    j["previews"] = ["/logs/toy-2.png", "/logs/toy-3.png"]
+    two, three = tmp_path / "toy-2.png", tmp_path / "toy-3.png"
+    two.write_bytes(b"png")
+    three.write_bytes(b"png")
+    j["previews"] = [str(two), str(three), str(tmp_path / "deleted-4.png")]
     third = status.poll(service, again.cache)
     assert [r[0] for r in third.chart if r[2] == status.RAW] == [1, 2, 3]
-    assert third.previews == [("/logs/toy-3.png", "toy-3"), ("/logs/toy-2.png", "toy-2")]
+    # newest first; a file gone from disk (deleted log folder) is left out, else the Gallery raises
+    assert third.previews == [(str(three), "toy-3"), (str(two), "toy-2")]
 
     service.jobs.append(job("train-2", losses=[(7, 0.9)], status="error", active=False, message="Boom."))
     fourth = status.poll(service, third.cache)  # a new job: the page starts its series over

@@ -84,6 +84,8 @@ class Service:
 
         def work(job: Job) -> dict[str, Any]:
             def on_progress(progress) -> None:
+                if job.progress is None:
+                    job.message = "Training…"  # replaces the set-up messages (scan, encoding)
                 job.progress = progress
                 job.losses.append((progress.step, progress.loss))
                 self.jobs.hooks.update(progress.step, progress.end_step,

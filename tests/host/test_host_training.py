@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 import urllib.error
 from pathlib import Path
@@ -55,6 +56,7 @@ def embedding(host_api, host_dir):
     yield name
     for path in (host_dir / "embeddings").glob(f"{name}.pt*"):
         path.unlink()
+    shutil.rmtree(host_dir / "textual_inversion_ext" / name, ignore_errors=True)  # its run logs (default root)
     host_api.call("POST", "/sdapi/v1/refresh-embeddings")
 
 

@@ -158,7 +158,11 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
         return handlers.interrupt(service).message
 
     def on_poll(cache: Any) -> tuple[Any, ...]:
-        view = status.poll(service, cache)
+        try:
+            view = status.poll(service, cache)
+        except Exception as exc:  # gradio 3.41 ends a page's `every=` loop on the first error: keep it alive
+            logger.exception("Training status poll failed")
+            return f"Cannot read the training status: {exc}", compat.no_change(), compat.no_change(), cache
         plot = compat.no_change() if view.chart is None else frame(view.chart)
         pictures = compat.no_change() if view.previews is None else view.previews
         return view.status, plot, pictures, view.cache

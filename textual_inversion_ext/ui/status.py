@@ -80,7 +80,10 @@ def poll(service: Any, cache: LossCache | None) -> View:
     previews = None
     if len(paths) != cache.previews:
         cache.previews = len(paths)
-        previews = [(p, Path(p).stem) for p in reversed(paths[-MAX_PREVIEWS:])]
+        # Only files that exist: gradio's Gallery raises on a missing one (a deleted log folder), and in
+        # gradio 3.41 an error ends the page's poll loop for good (status and chart freeze).
+        shown = [p for p in paths if Path(p).is_file()]
+        previews = [(p, Path(p).stem) for p in reversed(shown[-MAX_PREVIEWS:])]
     return View(status_text(status), chart, previews, cache)
 
 
