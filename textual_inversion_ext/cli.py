@@ -1,4 +1,4 @@
-"""Command line: `python -m textual_inversion_ext create|train|info|convert|demo …`."""
+"""Command line: `python -m textual_inversion_ext create|train|info|convert|demo|preprocess|captions|check …`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import __version__
 from .core import formats
 from .core.create import CreateParams, create_embedding
+from .core.dataset_check import CheckParams
 from .core.errors import TIError
 from .core.params import add_arguments, from_namespace
+from .core.preprocess import PreprocessParams
 from .core.train_params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -97,7 +100,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="Training steps. Default: %(default)s.")
     p.add_argument("--seed", type=int, default=0, help="Seed. Default: %(default)s.")
     _model_args(p)
+
+    _preprocess_parser(sub)
+    _captions_parser(sub)
+    p = sub.add_parser("check", help="Check a training folder before training.",
+                       description="List corrupt, tiny, oddly shaped, duplicate or uncaptioned images and captions "
+                                   "that still mention the subject; ends with 'N usable images, M warnings'.")
+    p.add_argument("folder", type=Path, help="Dataset folder.")
+    add_arguments(p, CheckParams)
+    p.add_argument("--json", action="store_true", help="Print the findings as JSON.")
+    p.add_argument("--all", action="store_true", help="Also show informational notes (modes, EXIF rotation…).")
     return parser
+
+
+def _preprocess_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="Prepare a folder of images for training (crop, split, flip, caption).",
+                       description="Crop/resize every image of SOURCE to the training size into DESTINATION "
+                                   "(default SOURCE-Processed); the source folder is never modified. Outputs keep "
+                                   "the source file name: <stem>.png, <stem>-tile2.png, <stem>-flip.png.")
+    p.add_argument("source", type=Path, help="Folder of source images.")
+    p.add_argument("destination", type=Path, nargs="?", default=None,
+                   help="Output folder. Default: SOURCE-Processed.")
+    add_arguments(p, PreprocessParams, skip=("source", "destination"))
+    p.add_argument("--json", action="store_true", help="Print the per-file report as JSON.")
+
+
+def _captions_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("captions", help="Edit the .txt captions of a folder (every change can be undone).",
+                       description="List, edit, find/replace, strip the subject from, prepend/append to the "
+                                   "<image>.txt captions of a folder; 'undo' reverts the last change.")
+    ops = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    o = ops.add_parser("list", help="Show images and captions, one page at a time.")
+    o.add_argument("folder", type=Path)
+    o.add_argument("--page", type=int, default=1, help="Page number (from 1). Default: %(default)s.")
+    o.add_argument("--per-page", type=int, default=50, help="Images per page. Default: %(default)s.")
+    o = ops.add_parser("set", help="Set one image's caption.")
+    o.add_argument("image", type=Path)
+    o.add_argument("text")
+    o = ops.add_parser("replace", help="Find and replace in every caption.")
+    o.add_argument("folder", type=Path)
+    o.add_argument("find")
+    o.add_argument("replace")
+    o.add_argument("--regex", action="store_true", help="FIND is a Python regular expression (\\1 in REPLACE).")
+    o.add_argument("--ignore-case", action="store_true", help="Match regardless of case.")
+    o = ops.add_parser("strip", help="Remove the subject words from every caption.",
+                       description="Remove SUBJECT (and --also phrases) with any leading a/an/the and plural or "
+                                   "possessive endings, case-insensitively, and tidy the commas left behind.")
+    o.add_argument("folder", type=Path)
+    o.add_argument("subject", help="e.g. 'blue bmw' (usually the init text).")
+    o.add_argument("--also", action="append", default=[], metavar="PHRASE",
+                   help="Another phrase to remove, e.g. --also 'blue car' (repeatable).")
+    for name in ("prepend", "append"):
+        o = ops.add_parser(name, help=f"{name.capitalize()} text to every caption.")
+        o.add_argument("folder", type=Path)
+        o.add_argument("text")
+        o.add_argument("--separator", default=", ", help="Between the text and the caption. Default: '%(default)s'.")
+        o.add_argument("--include-missing", action="store_true", help="Also create captions for images without.")
+    o = ops.add_parser("tags", help="Comma-separated tags by frequency.")
+    o.add_argument("folder", type=Path)
+    o.add_argument("--top", type=int, default=50, help="How many to show; 0 = all. Default: %(default)s.")
+    o = ops.add_parser("undo", help="Revert the last caption change in the folder.")
+    o.add_argument("folder", type=Path)
+    o = ops.add_parser("history", help="List the changes undo can revert, newest first.")
+    o.add_argument("folder", type=Path)
+    for name in ("list", "replace", "strip", "prepend", "append", "tags"):
+        ops.choices[name].add_argument("--recursive", action="store_true", help="Include sub-folders.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,5 +252,131 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_printer(unit: str):
+    """A tqdm bar when tqdm is installed (standalone extra), else a line every 5 %."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the standalone extra
+        tqdm = None
+    state: dict = {}
+
+    def update(done: int, total: int, message: str) -> None:
+        if tqdm is not None:
+            bar = state.get("bar")
+            if bar is None:
+                bar = state["bar"] = tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.5)
+            bar.update(done - bar.n)
+        elif total and (done == total or done * 20 // total != (done - 1) * 20 // total):
+            print(f"{done}/{total} {message}", file=sys.stderr)
+
+    def close() -> None:
+        if state.get("bar") is not None:
+            state["bar"].close()
+
+    return update, close
+
+
+def _stop_on_sigint(stop: threading.Event, what: str):
+    def on_sigint(signum, frame) -> None:
+        print(f"\nStopping {what} after the current image… (Ctrl+C again to abort)", file=sys.stderr)
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    return previous
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from .core.preprocess import preprocess
+
+    params = from_namespace(PreprocessParams, args, source=str(args.source),
+                            destination=str(args.destination) if args.destination else "")
+    stop = threading.Event()
+    update, close = _progress_printer("img")
+    previous = _stop_on_sigint(stop, "preprocessing")
+    try:
+        result = preprocess(params, progress=update, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        close()
+    if args.json:
+        print(json.dumps({"summary": result.summary(), "status": result.status, "messages": result.messages,
+                          "files": [{"source": str(f.source), "status": f.status,
+                                     "outputs": [str(o) for o in f.outputs], "notes": f.notes}
+                                    for f in result.files]}, indent=2, ensure_ascii=False))
+    else:
+        for message in result.messages:
+            print(message)
+        for f in result.files:
+            if f.status != "ok" or f.notes:
+                print(f"  {f.line()}")
+        print(result.summary())
+    return 0 if result.status == "finished" else 130
+
+
+def cmd_captions(args: argparse.Namespace) -> int:
+    from .core import captions
+
+    recursive = getattr(args, "recursive", False)
+    if args.action == "list":
+        page = captions.list_captions(args.folder, args.page, args.per_page, recursive=recursive)
+        for item in page.items:
+            shown = item.caption if item.exists else "(no caption)"
+            print(f"{item.image.relative_to(page.folder)}\t{shown}" + (f"\t[{item.error}]" if item.error else ""))
+        print(f"page {page.page}/{page.pages}, {page.total} image(s)")
+        return 0
+    if args.action == "tags":
+        tags = captions.tag_frequency(args.folder, recursive=recursive)
+        for tag, count in tags[: args.top or None]:
+            print(f"{count:6d}  {tag}")
+        print(f"{len(tags)} distinct tag(s)")
+        return 0
+    if args.action == "history":
+        for h in captions.history(args.folder):
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h.created))}  {h.operation} "
+                  f"({h.files} file(s))")
+        return 0
+    if args.action == "undo":
+        print(captions.undo(args.folder).message)
+        return 0
+    if args.action == "set":
+        result = captions.set_caption(args.image, args.text)
+    elif args.action == "replace":
+        result = captions.find_replace(args.folder, args.find, args.replace, regex=args.regex,
+                                       ignore_case=args.ignore_case, recursive=recursive)
+    elif args.action == "strip":
+        result = captions.strip_subject(args.folder, args.subject, extra_phrases=args.also, recursive=recursive)
+    else:
+        result = captions.add_text(args.folder, args.text, where=args.action, separator=args.separator,
+                                   include_missing=args.include_missing, recursive=recursive)
+    print(result.message)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .core.dataset_check import INFO, check_dataset
+
+    params = from_namespace(CheckParams, args)
+    stop = threading.Event()
+    update, close = _progress_printer("file")
+    previous = _stop_on_sigint(stop, "the check")
+    try:
+        report = check_dataset(args.folder, params, progress=update, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        close()
+    if args.json:
+        print(json.dumps({"summary": report.summary(), "usable": report.usable, "warnings": report.warnings,
+                          "errors": report.errors, "findings": [
+                              {"path": str(f.path), "kind": f.kind, "severity": f.severity, "message": f.message}
+                              for f in report.findings]}, indent=2, ensure_ascii=False))
+    else:
+        for f in report.findings:
+            if f.severity != INFO or args.all:
+                print(f"{f.severity:7s} {f.path.relative_to(report.folder)}: {f.message}")
+        print(report.summary())
+    return 0 if report.usable else 1
+
+
 COMMANDS = {"create": cmd_create, "train": cmd_train, "info": cmd_info, "convert": cmd_convert,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "preprocess": cmd_preprocess, "captions": cmd_captions, "check": cmd_check}

@@ -101,7 +101,7 @@ def _float_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def _has_hidden_alpha(img: Image.Image) -> bool:
+def has_hidden_alpha(img: Image.Image) -> bool:
     """Transparency that is not an alpha band: a tRNS colour key, or an RGBA palette."""
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
         return True
@@ -114,7 +114,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND
         img = _sixteen_bit_to_l(img)
     elif img.mode == "F":
         img = _float_to_l(img)
-    if _has_hidden_alpha(img) or img.mode in ("RGBa", "La", "PA"):
+    if has_hidden_alpha(img) or img.mode in ("RGBa", "La", "PA"):
         img = img.convert("RGBA")  # palette/colour-key transparency becomes a real alpha channel
     if "A" in img.getbands():
         rgba = img.convert("RGBA")
@@ -123,7 +123,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
+def exif_transpose(img: Image.Image, path: Path) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img) or img
     except Exception as exc:  # broken EXIF blocks must not cost the image
@@ -142,14 +142,14 @@ def load_rgb(
     path = Path(path)
     with Image.open(path) as img:
         img.load()  # decode everything now: truncated files fail here, not mid-training
-        upright = _exif_transpose(img, path)
+        upright = exif_transpose(img, path)
         return to_rgb(upright, background).copy() if upright is img else to_rgb(upright, background)
 
 
 # --- scanning --------------------------------------------------------------------------------
 
 
-def _read_error_reason(path: Path, exc: BaseException) -> str:
+def read_error_reason(path: Path, exc: BaseException) -> str:
     if isinstance(exc, Image.DecompressionBombError):
         return f"too large: over Pillow's decompression-bomb limit ({exc})"
     if isinstance(exc, UnidentifiedImageError):
@@ -174,7 +174,7 @@ def _probe(path: Path, min_side: int) -> tuple[int, int] | str:
             width, height = load_rgb(path).size
     except Exception as exc:
         logger.debug("Cannot use %s", path, exc_info=True)
-        return _read_error_reason(path, exc)
+        return read_error_reason(path, exc)
     if min(width, height) < min_side:
         return f"too small: {width}×{height} px, the shorter side must be at least {min_side} px"
     return width, height
@@ -186,7 +186,7 @@ def caption_from_filename(stem: str) -> str:
     return " ".join(re.sub(r"[_-]+", " ", text).split())
 
 
-def _decode_caption(data: bytes) -> str:
+def decode_caption(data: bytes) -> str:
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with BOM (Windows Notepad "Unicode")
         return data.decode("utf-16")
     return data.decode("utf-8-sig")  # -sig: tolerate a UTF-8 BOM
@@ -196,7 +196,7 @@ def _read_caption(image: Path, caption_file: Path | None, report: list[SkippedFi
     if caption_file is None:
         return caption_from_filename(image.stem)
     try:
-        return _decode_caption(caption_file.read_bytes()).strip()
+        return decode_caption(caption_file.read_bytes()).strip()
     except (UnicodeDecodeError, OSError) as exc:
         problem = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"unreadable ({exc})"
         reason = f"caption is {problem}; {image.name} uses its file name instead"
@@ -208,7 +208,7 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name.lower() in _IGNORED_NAMES
 
 
-def _list_files(root: Path, recursive: bool, report: list[SkippedFile]) -> list[Path]:
+def list_files(root: Path, recursive: bool, report: list[SkippedFile]) -> list[Path]:
     files: list[Path] = []
     if recursive:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -225,7 +225,7 @@ def _list_files(root: Path, recursive: bool, report: list[SkippedFile]) -> list[
     return sorted(p for p in files if not _is_hidden(p))
 
 
-def _caption_index(captions: list[Path]) -> dict[tuple[Path, str], Path]:
+def caption_index(captions: list[Path]) -> dict[tuple[Path, str], Path]:
     index: dict[tuple[Path, str], Path] = {}
     for cap in captions:
         index.setdefault((cap.parent, cap.stem.casefold()), cap)
@@ -233,7 +233,7 @@ def _caption_index(captions: list[Path]) -> dict[tuple[Path, str], Path]:
     return index
 
 
-def _find_caption(image: Path, index: dict[tuple[Path, str], Path]) -> Path | None:
+def find_caption(image: Path, index: dict[tuple[Path, str], Path]) -> Path | None:
     return index.get((image.parent, image.stem)) or index.get((image.parent, image.stem.casefold()))
 
 
@@ -252,14 +252,14 @@ def scan_dataset(
     if not root.is_dir():
         raise DatasetError(f"The dataset path {root} is not a folder.")
     scan = DatasetScan(root)
-    files = _list_files(root, recursive, scan.report)
+    files = list_files(root, recursive, scan.report)
     captions = [p for p in files if p.suffix.lower() == CAPTION_SUFFIX]
-    index = _caption_index(captions)
+    index = caption_index(captions)
     matched: set[Path] = set()
     for path in files:
         if path.suffix.lower() == CAPTION_SUFFIX:
             continue
-        caption_file = _find_caption(path, index)
+        caption_file = find_caption(path, index)
         if caption_file is not None:
             matched.add(caption_file)
         probed = _probe(path, min_side)
