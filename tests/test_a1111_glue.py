@@ -57,19 +57,21 @@ def test_host_and_our_settings_fill_train_params(host):
     # The host's defaults (its options are registered by the host itself; unset here = its defaults).
     assert settings.train_defaults() == {
         "offload_vae": False, "csv_every": 500, "attention_optimizations": False, "save_optimizer_state": False,
-        "save_every": 500, "preview_every": 500, "preview_steps": 20}
+        "pin_memory": False, "save_every": 500, "preview_every": 500, "preview_steps": 20}
     opts = host.shared.opts
     opts.unload_models_when_training = True
     opts.training_write_csv_every = 1  # every step is allowed
     opts.training_xattention_optimizations = True
     opts.save_optimizer_state = True
+    opts.pin_memory = True
     opts.tiext_save_every = 7
     opts.tiext_preview_every = 0
     opts.tiext_preview_steps = 5
     service = host.glue.get_service()
     params = service.train_params({"max_steps": 10})
     assert (params.offload_vae, params.csv_every, params.attention_optimizations, params.save_optimizer_state,
-            params.save_every, params.preview_every, params.preview_steps) == (True, 1, True, True, 7, 0, 5)
+            params.pin_memory, params.save_every, params.preview_every, params.preview_steps) == (
+                True, 1, True, True, True, 7, 0, 5)
     assert service.train_params({"csv_every": 3}).csv_every == 3  # a request's own value wins
     opts.training_write_csv_every = -1
     with pytest.raises(ParameterError, match="CSV every"):

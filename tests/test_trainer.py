@@ -136,3 +136,11 @@ def test_same_seed_same_vectors_other_seed_differs(tiny_backend, demo_data, tmp_
         results.append(formats.load_embedding(emb).embedding.single())
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0], results[2])
+
+
+def test_pin_memory_is_a_no_op_on_cpu_and_changes_nothing(tiny_backend, demo_data, tmp_path):
+    # Pinning needs CUDA; on a CPU device the run must be identical to an unpinned one.
+    a, b = (fresh_embedding(tiny_backend, tmp_path / d) for d in ("a", "b"))
+    run(tiny_backend, a, demo_data, tmp_path / "a", params(max_steps=3))
+    run(tiny_backend, b, demo_data, tmp_path / "b", params(max_steps=3, pin_memory=True))
+    assert torch.equal(formats.load_embedding(a).embedding.single(), formats.load_embedding(b).embedding.single())

@@ -45,6 +45,13 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def pin(self) -> None:
+        """Page-lock every cached latent so host→GPU copies can run asynchronously (CUDA only)."""
+        for variants in self.latents:
+            for cached in variants.values():
+                cached.mean, cached.std = cached.mean.pin_memory(), cached.std.pin_memory()
+                cached.sample = cached.sample.pin_memory()
+
     def latent(self, index: int, flipped: bool, mode: str, gen: torch.Generator) -> torch.Tensor:
         cached = self.latents[index][flipped]
         if mode == "random":

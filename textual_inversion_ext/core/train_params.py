@@ -58,6 +58,9 @@ class TrainParams:
                                           section="performance")
     offload_vae: bool = param(False, "Move VAE to RAM", "Keep the VAE in RAM once latents are cached.",
                               section="performance")
+    pin_memory: bool = param(False, "Pin memory",
+                             "Keep cached latents in page-locked RAM for faster, asynchronous copies to the GPU "
+                             "(CUDA only; more RAM).", section="performance")
     save_every: int = param(500, "Snapshot every", "Save a copy of the embedding every N steps; 0 = off.",
                             minimum=0, section="output")
     preview_every: int = param(500, "Preview every", "Save a preview image every N steps; 0 = off.",

@@ -125,7 +125,10 @@ def train(
         logger.info("Resuming with the saved optimizer state")
     state = _State(vectors, _copy(vectors), embedding.step, embedding.step)
     prompts = PromptBuilder(template_lines, embedding.name, params.shuffle_tags, params.tag_dropout)
-    batches = _MicroBatches(backend, data, params, prompts, embedding.name, scaler, amp_dtype)
+    pinned = params.pin_memory and device.type == "cuda"
+    if pinned:
+        data.pin()
+    batches = _MicroBatches(backend, data, params, prompts, embedding.name, scaler, amp_dtype, pinned)
     steps_per_epoch = max(1, batches.order.batches_per_epoch // params.grad_accum)
     preview_prompt = params.preview_prompt or prompts.render(data.captions[0], random.Random(params.seed))
     result = TrainResult("finished", embedding.step, paths.final, "")
@@ -225,9 +228,10 @@ class _MicroBatches:
     Everything random comes from generators seeded by (seed, step), so a step can be replayed."""
 
     def __init__(self, backend: Backend, data: TrainingSet, params: TrainParams, prompts: PromptBuilder,
-                 trigger: str, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None) -> None:
+                 trigger: str, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
+                 non_blocking: bool = False) -> None:
         self.backend, self.data, self.params, self.prompts, self.trigger = backend, data, params, prompts, trigger
-        self.scaler, self.amp_dtype = scaler, amp_dtype
+        self.scaler, self.amp_dtype, self.non_blocking = scaler, amp_dtype, non_blocking
         self.order = BatchOrder(data.buckets, params.batch_size, params.seed)
 
     def accumulate(self, step: int, vectors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -242,7 +246,10 @@ class _MicroBatches:
             flips = [rng.random() < p.flip_p for _ in indices]
             texts = [self.prompts.render(self.data.captions[i], rng) for i in indices]
             latents = torch.stack([self.data.latent(i, f, p.latent_sampling, gen)
-                                   for i, f in zip(indices, flips)]).to(device)
+                                   for i, f in zip(indices, flips)])
+            if self.non_blocking:  # stack made a fresh tensor: pin it so the copy can overlap compute
+                latents = latents.pin_memory()
+            latents = latents.to(device, non_blocking=self.non_blocking)
             noise = torch.randn(latents.shape, generator=gen).to(device)
             timesteps = torch.randint(0, self.backend.num_train_timesteps, (len(indices),), generator=gen)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,

@@ -33,6 +33,7 @@ SETTINGS = (
     Setting("training_write_csv_every", "csv_every", 500, "", ours=False),
     Setting("training_xattention_optimizations", "attention_optimizations", False, "", ours=False),
     Setting("save_optimizer_state", "save_optimizer_state", False, "", ours=False),
+    Setting("pin_memory", "pin_memory", False, "", ours=False),
     # Ours.
     Setting("tiext_save_every", "save_every", 500,
             "Save a snapshot of the embedding every N steps (0 = off)", ours=True),
@@ -43,8 +44,6 @@ SETTINGS = (
             "Log folder for runs (snapshots, previews, loss CSV); empty = <data dir>/textual_inversion_ext; "
             "never inside the embeddings folder", ours=True),
 )
-# `pin_memory` is not mapped: our loop keeps cached latents on the CPU and copies one small batch per
-# step; pinning would need a core change for no measurable gain.
 
 
 def register_options() -> None:
