@@ -8,6 +8,17 @@ from textual_inversion_ext.demo import make_sample_dataset
 from textual_inversion_ext.service import Service
 
 
+@pytest.fixture(autouse=True)
+def _captioner_registry():
+    """Each test sees the registry as it was (host glue tests register the host's captioners)."""
+    from textual_inversion_ext.core import captioners
+
+    saved = dict(captioners._REGISTRY)
+    yield
+    captioners._REGISTRY.clear()
+    captioners._REGISTRY.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_backend():
     from textual_inversion_ext.backends.standalone import embedded_default

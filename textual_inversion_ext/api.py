@@ -17,6 +17,7 @@ from . import __version__
 from .core.create import CreateParams
 from .core.errors import TIError
 from .core.params import ParameterError, fields_of, from_record, json_schema
+from .core.preprocess import PreprocessParams
 from .core.train_params import TrainParams
 from .jobs import BusyError
 from .service import Service
@@ -100,6 +101,54 @@ def train(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     return {"job_id": job.id, "job": job.to_dict()}
 
 
+def preprocess(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """Start preprocessing (PreprocessParams fields; width/height default to the model's native size)."""
+    record = dict(body)
+    if not isinstance(record.get("source"), str) or not record["source"].strip():
+        raise ApiError(422, "'source' is required (the folder of images on the server).")
+    params = _params(PreprocessParams, record, service.preprocess_params)
+    job = service.start_preprocess(params)
+    return {"job_id": job.id, "job": job.to_dict()}
+
+
+def _int(body: dict[str, Any], key: str, default: int) -> int:
+    raw = body.get(key, default)
+    if isinstance(raw, bool):
+        raise ApiError(422, f"{key} must be an integer, got {raw!r}.")
+    try:
+        return int(raw if raw not in (None, "") else default)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(422, f"{key} must be an integer, got {raw!r}.") from exc
+
+
+def check(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """The dataset check: {"folder", "subject"?, "width"?, "height"?} (0/absent = the model's native size)."""
+    folder = _name(body, "folder")
+    subject = body.get("subject") or ""
+    if not isinstance(subject, str):
+        raise ApiError(422, "subject must be a string.")
+    return service.check_dataset(folder, subject, _int(body, "width", 0), _int(body, "height", 0),
+                                 bool(body.get("recursive")))
+
+
+def captions(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """GET ?folder=…&page=1&per_page=24: one page of images, captions and thumbnail paths."""
+    return service.caption_page(_name(body, "folder"), _int(body, "page", 1), _int(body, "per_page", 24))
+
+
+def caption_edit(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """POST {"folder", "op": set|replace|strip_subject|prepend|append|undo, …op's fields} (undoable)."""
+    args = dict(body)
+    folder, op = _name(args, "folder"), _name(args, "op")
+    args.pop("folder"), args.pop("op")
+    return service.caption_edit(folder, op, **args)
+
+
+def caption_tags(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    tags = service.caption_tags(_name(body, "folder"))
+    return {"tags": [[tag, n] for tag, n in tags]}
+
+
 def _since(body: dict[str, Any]) -> int:
     raw = body.get("since_step", 0)
     try:
@@ -143,7 +192,13 @@ def schema(service: Service, body: dict[str, Any]) -> dict[str, Any]:
         train_schema["properties"][key]["default"] = value
     create_schema = json_schema(CreateParams)
     create_schema["required"] = ["name"]
-    return {"create": create_schema, "train": train_schema}
+    preprocess_schema = json_schema(PreprocessParams)
+    preprocess_schema["required"] = ["source"]
+    size = service.native_size()
+    if size:
+        for key in ("width", "height"):
+            preprocess_schema["properties"][key]["default"] = size
+    return {"create": create_schema, "train": train_schema, "preprocess": preprocess_schema}
 
 
 # ------------------------------------------------------------------ dispatch
@@ -154,6 +209,11 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/embeddings", embeddings),
     ("POST", "/create", create),
     ("POST", "/train", train),
+    ("POST", "/preprocess", preprocess),
+    ("POST", "/check", check),
+    ("GET", "/captions", captions),
+    ("POST", "/captions/edit", caption_edit),
+    ("GET", "/captions/tags", caption_tags),
     ("GET", "/jobs/current", current_job),  # before /jobs/{id}
     ("GET", "/jobs/{id}", job),
     ("POST", "/interrupt", interrupt),

@@ -41,11 +41,14 @@ class HostHooks:
 @dataclass
 class Job:
     id: str
-    kind: str  # "train"
-    name: str  # the embedding
+    kind: str  # "train" | "preprocess"
+    name: str  # the embedding (train) or the source folder's name (preprocess)
     status: str = "queued"  # queued | running | finished | interrupted | nan | error
     message: str = ""
-    progress: Progress | None = None
+    progress: Progress | None = None  # training only
+    # Generic progress for the other kinds (files done of total); training reports through `progress`.
+    done: int | None = None
+    total: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     previews: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +70,7 @@ class Job:
             "s_per_step": p.s_per_step if p else None, "eta_s": p.eta_s if p else None,
             "losses": [[s, v] for s, v in self.losses if s > since_step],
             "previews": list(self.previews), "result": dict(self.result),
+            "done": self.done, "total": self.total,
             "started": self.started, "finished": self.finished,
         }
 
@@ -97,14 +101,15 @@ class JobManager:
 
     def is_training(self, name: str) -> bool:
         job = self.current()
-        return job is not None and job.name == name
+        return job is not None and job.kind == "train" and job.name == name
 
     def start(self, kind: str, name: str, work: Callable[[Job], dict[str, Any]]) -> Job:
         """Run `work(job)` in a worker thread; it returns the result dict or raises."""
         with self._guard:
             running = next((j for j in self._jobs.values() if j.active), None)
             if running is not None:
-                raise BusyError(f"'{running.name}' is training (job {running.id}); interrupt it or wait.")
+                doing = "is training" if running.kind == "train" else f"is running ({running.kind})"
+                raise BusyError(f"'{running.name}' {doing} (job {running.id}); interrupt it or wait.")
             job = Job(id=f"{kind}-{next(self._ids)}-{int(time.time())}", kind=kind, name=name)
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
@@ -117,7 +122,8 @@ class JobManager:
         job = self.get(job_id) if job_id else self.current()
         if job is not None and job.active:
             job.stop.set()
-            job.message = "Interrupting: the current step finishes, then the embedding is saved…"
+            job.message = ("Interrupting: the current step finishes, then the embedding is saved…"
+                           if job.kind == "train" else "Interrupting: the files in progress finish first…")
         return job
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:

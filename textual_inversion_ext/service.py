@@ -1,4 +1,4 @@
-"""What the UI and the API do, once, for any host: create, list, train, status, interrupt.
+"""What the UI and the API do, once, for any host: create, list, train, preprocess, status, interrupt.
 
 A host (A1111 glue or the standalone app) builds one `Service` with its backend, folders and hooks;
 the Gradio tabs and the REST routes are thin layers over these methods.
@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import dataset_ops
 from .backends.protocol import Backend
 from .core import formats
 from .core.create import Created, CreateParams, create_embedding
 from .core.embedding import validate_name
 from .core.errors import EmbeddingFormatError, TIError
 from .core.params import from_record
+from .core.preprocess import PreprocessParams, Upscaler, check_params, preprocess, resolve_folders
 from .core.run import RunRequest, run_training
 from .core.train_params import TrainParams
 from .jobs import Job, JobManager
@@ -38,6 +40,10 @@ class Service:
     train_defaults: Callable[[], dict[str, Any]] = dict
     # Last adjustments before a run starts (A1111: "auto" precision -> the host's dtype, log folder).
     before_training: Callable[[TrainParams], TrainParams] = lambda params: params
+    # The upscaler for small images when preprocessing asks for one (A1111: its img2img upscaler);
+    # called per run, since the host's setting may change. None = Lanczos.
+    upscaler: Callable[[], Upscaler | None] = lambda: None
+    thumbnail_dir: Path | None = None  # caption editor thumbnails; None = the user cache folder
 
     def embedding_path(self, name: str) -> Path:
         name = validate_name(name)
@@ -105,6 +111,58 @@ class Service:
                     "snapshots": [str(p) for p in result.snapshots]}
 
         return self.jobs.start("train", path.stem, work)
+
+    # ------------------------------------------------------------ dataset preparation
+
+    def native_size(self) -> int | None:
+        """The loaded model's native resolution (512 SD1.x, 768 SD2-v), or None when it cannot be told."""
+        try:
+            return int(self.backend().info.resolution)
+        except Exception as exc:  # no model loaded, unsupported model: the UI keeps its default
+            logger.debug("No native size: %s", exc)
+            return None
+
+    def preprocess_params(self, record: Mapping[str, Any]) -> PreprocessParams:
+        """PreprocessParams from `record`; width/height left out default to the model's native size."""
+        record = dict(record)
+        size = None if {"width", "height"} <= set(record) else self.native_size()
+        if size:
+            record.setdefault("width", size)
+            record.setdefault("height", size)
+        return from_record(PreprocessParams, record)
+
+    def start_preprocess(self, params: PreprocessParams) -> Job:
+        """Preprocess in the background (one job at a time, with training); status via `job_status`."""
+        check_params(params)  # bad folders or parameters: refused now, not as a failed job
+        src, _dst = resolve_folders(params.source, params.destination)
+
+        def work(job: Job) -> dict[str, Any]:
+            def on_progress(done: int, total: int, text: str) -> None:
+                job.done, job.total, job.message = done, total, text
+                self.jobs.hooks.update(done, total, f"Preprocessing {done}/{total}")
+
+            upscale = self.upscaler() if params.upscale else None
+            result = preprocess(params, progress=on_progress, stop=job.stop, upscale=upscale)
+            return dataset_ops.preprocess_record(result)
+
+        return self.jobs.start("preprocess", src.name, work)
+
+    def check_dataset(self, folder: str | Path, subject: str = "", width: int = 0, height: int = 0,
+                      recursive: bool = False) -> dict[str, Any]:
+        """The dataset check as a dict (`summary`, counts, findings); 0 sizes = the model's native size."""
+        size = self.native_size() or 512
+        return dataset_ops.check(folder, subject, width or size, height or size, recursive)
+
+    def caption_page(self, folder: str | Path, page: int = 1, per_page: int = 24) -> dict[str, Any]:
+        return dataset_ops.caption_page(folder, page, per_page, self.thumbnail_dir)
+
+    def caption_edit(self, folder: str | Path, op: str, **args: Any) -> dict[str, Any]:
+        return dataset_ops.caption_edit(folder, op, args)
+
+    def caption_tags(self, folder: str | Path) -> list[tuple[str, int]]:
+        return dataset_ops.tag_frequency(folder)
+
+    # ------------------------------------------------------------ jobs
 
     def job_status(self, job_id: str | None = None, since_step: int = 0) -> dict[str, Any]:
         job = self.jobs.get(job_id) if job_id else (self.jobs.current() or self.jobs.latest())

@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 from textual_inversion_ext.core.params import fields_of  # noqa: E402
 from textual_inversion_ext.core.train_params import TrainParams  # noqa: E402
 from textual_inversion_ext.ui import build_tabs, compat, status  # noqa: E402
-from textual_inversion_ext.ui.blocks import POLL_SECONDS, PREPROCESS_PLACEHOLDER  # noqa: E402
+from textual_inversion_ext.ui.blocks import POLL_SECONDS  # noqa: E402
 from textual_inversion_ext.ui.controls import control_specs, params_from_values  # noqa: E402
 
 KINDS = {"checkbox": gr.Checkbox, "radio": gr.Radio, "dropdown": gr.Dropdown, "slider": gr.Slider,
@@ -58,13 +58,16 @@ def poll_once(blocks, cache):
     return next(out) if inspect.isgenerator(out) else out
 
 
-def test_sub_tabs_ids_and_placeholder(blocks):
+def test_sub_tabs_and_ids(blocks):
     tabs = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
     assert [t.label for t in tabs] == ["Create embedding", "Preprocess images", "Train"]
     ids = by_id(blocks)
     assert all(i.startswith("tiext_") for i in ids)
-    assert PREPROCESS_PLACEHOLDER in ids["tiext_preprocess_placeholder"].value
-    for needed in ("tiext_create_name", "tiext_create_init_text", "tiext_create_num_vectors", "tiext_create_button",
+    for needed in ("tiext_preprocess_source", "tiext_preprocess_width", "tiext_preprocess_flip",
+                   "tiext_preprocess_button", "tiext_preprocess_interrupt", "tiext_preprocess_status",
+                   "tiext_captions_folder", "tiext_captions_gallery", "tiext_captions_text", "tiext_captions_undo",
+                   "tiext_captions_regex", "tiext_captions_strip", "tiext_check_button", "tiext_check_report",
+                   "tiext_create_name", "tiext_create_init_text", "tiext_create_num_vectors", "tiext_create_button",
                    "tiext_train_embedding", "tiext_train_refresh", "tiext_train_data_dir", "tiext_train_button",
                    "tiext_interrupt_button", "tiext_train_status", "tiext_train_loss_chart", "tiext_train_previews",
                    "tiext_train_message"):
@@ -88,7 +91,8 @@ def test_every_train_field_has_a_control_with_its_type_default_and_bounds(blocks
         if spec.kind in ("radio", "dropdown"):
             assert choice_values(comp) == list(spec.choices), spec.name
     non_main = {s.section for s in TRAIN_SPECS} - {"main"}
-    accordions = {b.label for b in blocks.blocks.values() if isinstance(b, gr.Accordion)}
+    accordions = {b.label for b in blocks.blocks.values()
+                  if isinstance(b, gr.Accordion) and (b.elem_id or "").startswith("tiext_train_")}
     assert accordions == {s.capitalize() for s in non_main}
 
 
@@ -129,7 +133,8 @@ def test_poll_outputs_are_accepted_by_the_components(tmp_path):
     blocks = build_tabs(service)
     ids = by_id(blocks)
     cache = status.LossCache()
-    text, frame, pictures, same = poll_once(blocks, cache)
+    text, frame, pictures, same, prep_status = poll_once(blocks, cache)
+    assert prep_status == "Training 'toy': running."  # the Preprocess tab says why it would be refused
     assert same is cache and [s for s, _ in cache.raw] == [1, 2, 3]  # updated in place (see LossCache)
     assert text.startswith("toy: running · step 3/100")
     assert list(frame.columns) == ["step", "loss", "series"] and len(frame) == 6
@@ -166,7 +171,7 @@ def test_served_endpoints_create_train_refusal_and_interrupt(service, tmp_path):
         defaults = [s.default for s in TRAIN_SPECS]
         release = hold_a_job(service, "other")
         try:
-            refused = client.predict("toy", str(data), *defaults, api_name="/tiext_train")
+            refused = client.predict("toy", str(data), *defaults, "", api_name="/tiext_train")
             assert "'other' is training" in refused and "Traceback" not in refused
             assert client.predict(api_name="/tiext_interrupt").startswith("Interrupting")
         finally:

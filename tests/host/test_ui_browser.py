@@ -144,7 +144,7 @@ def test_tab_and_sub_tabs_render(page):
     page.locator("#tiext_create_name textarea").wait_for(state="visible")
     page.locator("#tiext_create_button").wait_for(state="visible")
     sub_tab(page, "Preprocess images")
-    page.locator("#tiext_preprocess_placeholder").first.wait_for(state="visible")
+    page.locator("#tiext_preprocess_button").first.wait_for(state="visible")
     sub_tab(page, "Train")
     wait_value(page, "tiext_train_status", r"\S")  # the status poll runs (it fills the line on page load)
     for elem in ("tiext_train_embedding", "tiext_train_data_dir", "tiext_train_max_steps", "tiext_train_button",
@@ -267,7 +267,9 @@ def test_create_then_train_in_the_browser(page, host_api, dataset, shots, cleanu
     page.locator("#tiext_train_button").click()
     started = wait_value(page, "tiext_train_message", r"\S")
     match = re.search(r"\(job (\S+)\)", started)
-    assert started.startswith(f"Started training '{name}'") and match, started
+    # the dataset check's summary comes first, then the start
+    assert started.startswith("Dataset check: 4 usable images") and f"Started training '{name}'" in started, started
+    assert match, started
     job_id = match.group(1)
     cleanup["jobs"].append(job_id)
 

@@ -39,7 +39,7 @@ def shoot(url: str, out: Path, chromium: str) -> list[Path]:
         saved.append(_save(tab, out / "create-tab.png"))
 
         page.locator(f"#{TAB_ID} .tab-nav button", has_text="Preprocess images").click()
-        page.locator("#tiext_preprocess_placeholder").first.wait_for(state="visible")
+        page.locator("#tiext_preprocess_button").first.wait_for(state="visible")
         saved.append(_save(tab, out / "preprocess-tab.png"))
 
         page.locator(f"#{TAB_ID} .tab-nav button", has_text="Train").click()

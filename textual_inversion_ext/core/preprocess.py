@@ -194,7 +194,7 @@ def resolve_folders(source: str | os.PathLike[str], destination: str | os.PathLi
     return src, dst
 
 
-def _check_params(p: PreprocessParams) -> None:
+def check_params(p: PreprocessParams) -> None:
     validate(p)
     if p.autosize and p.autosize_min_dim > p.autosize_max_dim:
         raise ParameterError(f"Dimension lower bound ({p.autosize_min_dim}) is above the upper bound "
@@ -393,7 +393,7 @@ def preprocess(
     focal crop; `captioners` overrides `params.captioners` (the host passes its interrogators).
     Raises PreprocessError/ParameterError before starting; never for a bad file.
     """
-    _check_params(params)
+    check_params(params)
     src, dst = resolve_folders(params.source, params.destination)
     started = time.perf_counter()
     result = PreprocessResult(src, dst, "finished")

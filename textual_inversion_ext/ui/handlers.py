@@ -92,16 +92,21 @@ def create(service: Any, specs: Sequence[ControlSpec], values: Sequence[Any]) ->
 
 
 def start_training(service: Any, name: str | None, data_dir: str | None, specs: Sequence[ControlSpec],
-                   values: Sequence[Any]) -> Outcome:
+                   values: Sequence[Any], subject: str = "") -> Outcome:
+    """Start training; the dataset check's summary line comes first (`subject`: words captions should not name)."""
     if not name:
         return Outcome("Choose an embedding to train (create one in the Create embedding tab).", False)
     if not data_dir or not str(data_dir).strip():
         return Outcome("Enter the dataset folder: images, with optional <image>.txt captions.", False)
 
     def go() -> str:
+        from .prep import check_summary
+
         params = params_from_values(TrainParams, specs, values)
+        summary = check_summary(service, str(data_dir).strip(), subject or "", params.resolution)
         job = service.start_training(name, str(data_dir).strip(), params)
-        return f"Started training '{job.name}' (job {job.id}); progress below. Closing the page does not stop it."
+        started = f"Started training '{job.name}' (job {job.id}); progress below. Closing the page does not stop it."
+        return f"Dataset check: {summary}.\n{started}" if summary else started
 
     message, error = _run("Train", go)
     return Outcome(error or message, error is None)

@@ -62,6 +62,7 @@ class View:
     chart: list[tuple[int, float, str]] | None  # (step, loss, series) rows; None = unchanged
     previews: list[tuple[str, str]] | None  # (path, caption), newest first; None = unchanged
     cache: LossCache
+    job: dict[str, Any] = field(default_factory=dict)  # the status polled (the Preprocess tab reads it too)
 
 
 def poll(service: Any, cache: LossCache | None) -> View:
@@ -84,7 +85,7 @@ def poll(service: Any, cache: LossCache | None) -> View:
         # gradio 3.41 an error ends the page's poll loop for good (status and chart freeze).
         shown = [p for p in paths if Path(p).is_file()]
         previews = [(p, Path(p).stem) for p in reversed(shown[-MAX_PREVIEWS:])]
-    return View(status_text(status), chart, previews, cache)
+    return View(status_text(status), chart, previews, cache, status)
 
 
 def chart_rows(cache: LossCache) -> list[tuple[int, float, str]]:
@@ -105,7 +106,10 @@ def status_text(status: dict[str, Any]) -> str:
     """'my-bmw: running · step 120/3000 · loss 0.1234 · LR 0.005 · 0.42 s/step · ETA 0:20:10' + message."""
     if status.get("id") is None:
         return status.get("message") or "No training has run yet."
-    parts = [f"{status.get('name', '?')}: {status.get('status', '?')}"]
+    kind = "" if status.get("kind", "train") == "train" else f"{status['kind']} "
+    parts = [f"{kind}{status.get('name', '?')}: {status.get('status', '?')}"]
+    if status.get("total") is not None:  # file-based jobs (preprocess)
+        parts.append(f"{status.get('done') or 0}/{status['total']} file(s)")
     if status.get("step") is not None:
         parts.append(f"step {status['step']}/{status.get('end_step', '?')}")
     if status.get("loss") is not None:

@@ -70,11 +70,14 @@ def build_service() -> Service:
     from modules import shared
 
     from ...jobs import JobManager
+    from .captioning import host_upscaler, register_host_captioners
 
+    register_host_captioners()  # factories only: weights load when a preprocess run asks for them
     embeddings_dir = Path(shared.cmd_opts.embeddings_dir)
     service = Service(backend=current_backend, embeddings_dir=embeddings_dir,
                       log_root=settings.log_root(embeddings_dir), jobs=JobManager(host_hooks()),
-                      on_embeddings_changed=reload_embeddings, train_defaults=settings.train_defaults)
+                      on_embeddings_changed=reload_embeddings, train_defaults=settings.train_defaults,
+                      upscaler=host_upscaler)
 
     def before_training(params: TrainParams) -> TrainParams:
         service.log_root = settings.log_root(embeddings_dir)  # the setting may have changed since start-up
