@@ -1,4 +1,4 @@
-"""Training jobs that outlive the request that started them.
+"""Background jobs (training, preprocessing) that outlive the request that started them.
 
 One job runs at a time, in a worker thread; the UI and the API poll its status (so closing the
 page never stops training and a reload re-attaches). A host plugs in its GPU lock and progress
