@@ -51,3 +51,17 @@ def host_api() -> HostApi:
         pytest.fail(f"WEBUI_DIR is set but the host's API does not answer at {WEBUI_URL} ({exc}); "
                     "start it (host-lab: ./start.sh) or set WEBUI_URL.")
     return api
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Four captioned 64 px images (a coloured circle each) to train on in the host."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("tiext-host-data")
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        img = Image.new("RGB", (64, 64), (20 * i, 40, 90))
+        ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=colour)
+        img.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} circle")
+    return folder

@@ -11,7 +11,6 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
 from textual_inversion_ext.core import formats
 
@@ -34,17 +33,6 @@ def wait(api, job_id: str, timeout: float = 300) -> dict:
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not finish")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiext-host-data")
-    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
-        img = Image.new("RGB", (64, 64), (20 * i, 40, 90))
-        ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=colour)
-        img.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {colour} circle")
-    return folder
 
 
 @pytest.fixture

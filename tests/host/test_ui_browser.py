@@ -73,17 +73,6 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiext-ui-data")
-    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
-        img = Image.new("RGB", (64, 64), (20 * i, 40, 90))
-        ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=colour)
-        img.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {colour} circle")
-    return folder
-
-
 @pytest.fixture
 def cleanup(host_api, host_dir):
     """Embeddings and training jobs the test made: stopped and removed afterwards, also on failure."""
