@@ -158,6 +158,8 @@ def test_caption_editor_handlers(tmp_path):
     assert (src / "img 1.txt").read_text() == "new words\n"
     assert prep.save_caption(service, str(src), "", "x") == "Click an image first."
     assert "3 caption(s) changed" in prep.bulk(service, str(src), "prepend", text="style photo")
+    # the caption box reloads from disk after a bulk edit, so a later Save cannot undo it
+    assert prep.current_caption(image) == "style photo, new words" and prep.current_caption("") is None
     assert "Nothing to undo" not in prep.bulk(service, str(src), "undo")
     assert "Invalid regular expression" in prep.bulk(service, str(src), "replace", find="(", regex=True)
     assert prep.bulk(service, "", "undo") == "Enter the folder first."

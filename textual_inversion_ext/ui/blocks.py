@@ -155,7 +155,9 @@ def _caption_editor() -> SimpleNamespace:
         ui.page = gr.Number(value=1, precision=0, label="Page", minimum=1, elem_id="tiext_captions_page")
         ui.next = gr.Button("Next ▶", size="sm", elem_id="tiext_captions_next")
     ui.info = gr.Textbox(label="Listing", interactive=False, lines=1, elem_id="tiext_captions_info")
-    ui.gallery = gr.Gallery(label="Images (thumbnails; click one to edit its caption)", columns=6,
+    # gradio's cells are at least 100 px wide: 6 overflowed this half-width column (the last thumbnails cut
+    # off) below a ~1460 px window; 4 fit from ~950 px. (gradio 3.41's page ignores per-breakpoint tuples.)
+    ui.gallery = gr.Gallery(label="Images (thumbnails; click one to edit its caption)", columns=4,
                             object_fit="contain", height="auto", allow_preview=False,
                             elem_id="tiext_captions_gallery")
     ui.images = gr.State([])  # the page's image paths, in gallery order
@@ -293,8 +295,10 @@ def _wire_preprocess(service: Any, ui: SimpleNamespace, specs: Sequence[ControlS
 
     on_select.__annotations__["evt"] = gr.SelectData  # a real class: gradio finds event data by annotation
 
-    def after(message: str, folder: str, page: Any) -> tuple[Any, ...]:
-        return (message, *on_page(folder, page))  # show the changed captions
+    def after(message: str, folder: str, page: Any, image: str | None) -> tuple[Any, ...]:
+        # show the changed captions, and reload the one being edited: a stale box saved later would undo the edit
+        text = prep.current_caption(image)
+        return (message, *on_page(folder, page), compat.no_change() if text is None else text)
 
     page_out = [cap.gallery, cap.images, cap.info, cap.page]
     ui.run.click(on_run, inputs=[ui.controls[n] for n in names], outputs=[ui.message, cap.folder, train.data_dir],
@@ -307,21 +311,22 @@ def _wire_preprocess(service: Any, ui: SimpleNamespace, specs: Sequence[ControlS
     cap.next.click(lambda f, p: on_page(f, p, 1), inputs=[cap.folder, cap.page], outputs=page_out,
                    **compat.internal())
     cap.gallery.select(on_select, inputs=[cap.images], outputs=[cap.image, cap.text], **compat.internal())
-    edit_out = [cap.message, *page_out]
-    cap.save.click(lambda f, p, img, text: after(prep.save_caption(service, f, img, text), f, p),
+    edit_out = [cap.message, *page_out, cap.text]
+    cap.save.click(lambda f, p, img, text: after(prep.save_caption(service, f, img, text), f, p, img),
                    inputs=[cap.folder, cap.page, cap.image, cap.text], outputs=edit_out, **compat.internal())
     cap.replace_button.click(
-        lambda f, p, find, rep, rx, ic: after(prep.bulk(service, f, "replace", find=find, replace=rep, regex=rx,
-                                                        ignore_case=ic), f, p),
-        inputs=[cap.folder, cap.page, cap.find, cap.replace, cap.regex, cap.ignore_case], outputs=edit_out,
-        **compat.internal())
-    cap.strip.click(lambda f, p, subject, extra: after(prep.bulk(service, f, "strip_subject", subject=subject,
-                                                                 extra=extra), f, p),
-                    inputs=[cap.folder, cap.page, cap.subject, cap.extra], outputs=edit_out, **compat.internal())
+        lambda f, p, img, find, rep, rx, ic: after(prep.bulk(service, f, "replace", find=find, replace=rep, regex=rx,
+                                                             ignore_case=ic), f, p, img),
+        inputs=[cap.folder, cap.page, cap.image, cap.find, cap.replace, cap.regex, cap.ignore_case],
+        outputs=edit_out, **compat.internal())
+    cap.strip.click(lambda f, p, img, subject, extra: after(prep.bulk(service, f, "strip_subject", subject=subject,
+                                                                      extra=extra), f, p, img),
+                    inputs=[cap.folder, cap.page, cap.image, cap.subject, cap.extra], outputs=edit_out,
+                    **compat.internal())
     for button, op in ((cap.prepend, "prepend"), (cap.append, "append")):
-        button.click(lambda f, p, text, op=op: after(prep.bulk(service, f, op, text=text), f, p),
-                     inputs=[cap.folder, cap.page, cap.add], outputs=edit_out, **compat.internal())
-    cap.undo.click(lambda f, p: after(prep.bulk(service, f, "undo"), f, p), inputs=[cap.folder, cap.page],
-                   outputs=edit_out, **compat.internal())
+        button.click(lambda f, p, img, text, op=op: after(prep.bulk(service, f, op, text=text), f, p, img),
+                     inputs=[cap.folder, cap.page, cap.image, cap.add], outputs=edit_out, **compat.internal())
+    cap.undo.click(lambda f, p, img: after(prep.bulk(service, f, "undo"), f, p, img),
+                   inputs=[cap.folder, cap.page, cap.image], outputs=edit_out, **compat.internal())
     cap.tags_button.click(lambda f: prep.tag_table(service, f), inputs=[cap.folder], outputs=[cap.tags],
                           **compat.internal())

@@ -130,6 +130,13 @@ def caption_of(images: Sequence[str] | None, index: Any) -> tuple[str, str]:
         return image, f"(caption unreadable: {exc})"
 
 
+def current_caption(image: str | None) -> str | None:
+    """The selected image's caption as it is on disk now (after a save, bulk edit or undo); None: none selected."""
+    if not image:
+        return None
+    return caption_of([image], 0)[1]
+
+
 def save_caption(service: Any, folder: str | None, image: str | None, text: str | None) -> str:
     if not image:
         return "Click an image first."
