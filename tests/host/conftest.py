@@ -13,6 +13,11 @@ import pytest
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 WEBUI_URL = os.environ.get("WEBUI_URL", "http://127.0.0.1:7860").rstrip("/")
+# Browser tests drive the system Chromium through Playwright (never a downloaded browser).
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 900}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,4 +69,34 @@ def dataset(tmp_path_factory) -> Path:
         ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=colour)
         img.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a {colour} circle")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; or set CHROMIUM)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, host_api):
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where screenshots go: TIEXT_SCREENSHOTS (e.g. docs/screenshots) or a temporary folder."""
+    configured = os.environ.get("TIEXT_SCREENSHOTS")
+    folder = Path(configured) if configured else tmp_path_factory.mktemp("tiext-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
     return folder

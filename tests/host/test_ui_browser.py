@@ -13,7 +13,6 @@ else to a temporary folder, so a plain test run leaves the working tree alone.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import time
@@ -24,15 +23,10 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("playwright")
 
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
-from .conftest import WEBUI_URL
 from .ui_screenshots import TAB_ID, _save
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1280, "height": 900}
 MAX_PNG_BYTES = 200 * 1024
 V1 = "/textual-inversion-ext/v1"
 
@@ -43,34 +37,6 @@ HOST_TRAINING_OPTIONS = ("unload_models_when_training", "training_write_csv_ever
                          "training_xattention_optimizations", "save_optimizer_state")
 OUR_OPTIONS = ("tiext_save_every", "tiext_preview_every", "tiext_preview_steps", "tiext_log_dir")
 OUR_SECTION = "Textual Inversion (extension)"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; or set CHROMIUM)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, host_api) -> Page:
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
-    yield page
-    context.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    configured = os.environ.get("TIEXT_SCREENSHOTS")
-    folder = Path(configured) if configured else tmp_path_factory.mktemp("tiext-screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture

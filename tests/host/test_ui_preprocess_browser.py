@@ -17,7 +17,6 @@ to a temporary folder. Everything the test makes is removed afterwards, also on 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -30,14 +29,10 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("playwright")
 
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
-from .conftest import WEBUI_URL
 from .test_ui_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     V1,
-    VIEWPORT,
     open_accordion,
     open_extension,
     pick,
@@ -54,34 +49,6 @@ PREPROCESS_TIMEOUT_MS = 180_000
 COLOURS = ["red", "green", "blue"]
 SHAPES = {"wide": (96, 64), "tall": (64, 96)}  # both crop to 64×64
 FINISHED = r"^Preprocess '[^']*': (finished|error|interrupted)"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; or set CHROMIUM)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, host_api) -> Page:
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
-    yield page
-    context.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    configured = os.environ.get("TIEXT_SCREENSHOTS")
-    folder = Path(configured) if configured else tmp_path_factory.mktemp("tiext-screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 @pytest.fixture
