@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -100,3 +102,19 @@ def shots(tmp_path_factory) -> Path:
     folder = Path(configured) if configured else tmp_path_factory.mktemp("tiext-screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def stop_job_and_remove_logs(api: HostApi, job_id: str) -> str | None:
+    """Interrupt a test's job if it still runs (waiting up to 2 min), delete its log folder, return it."""
+    v1 = "/textual-inversion-ext/v1"
+    job = api.call("GET", f"{v1}/jobs/{job_id}")
+    if job["active"]:
+        api.call("POST", f"{v1}/interrupt", {})
+        deadline = time.time() + 120
+        while job["active"] and time.time() < deadline:
+            time.sleep(0.5)
+            job = api.call("GET", f"{v1}/jobs/{job_id}")
+    log_dir = (job.get("result") or {}).get("log_dir")
+    if log_dir:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return log_dir

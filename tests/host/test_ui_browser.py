@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ pytest.importorskip("playwright")
 
 from playwright.sync_api import Page
 
+from .conftest import stop_job_and_remove_logs
 from .ui_screenshots import TAB_ID, _save
 
 MAX_PNG_BYTES = 200 * 1024
@@ -45,16 +45,8 @@ def cleanup(host_api, host_dir):
     made = {"names": [], "jobs": []}
     yield made
     for job_id in made["jobs"]:
-        job = host_api.call("GET", f"{V1}/jobs/{job_id}")
-        if job["active"]:
-            host_api.call("POST", f"{V1}/interrupt", {})
-            deadline = time.time() + 120
-            while job["active"] and time.time() < deadline:
-                time.sleep(0.5)
-                job = host_api.call("GET", f"{V1}/jobs/{job_id}")
-        log_dir = (job.get("result") or {}).get("log_dir")
+        log_dir = stop_job_and_remove_logs(host_api, job_id)
         if log_dir:
-            shutil.rmtree(log_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 Path(log_dir).parent.rmdir()  # <log root>/<name>/, unique to this test
     for name in made["names"]:

@@ -31,6 +31,7 @@ pytest.importorskip("playwright")
 
 from playwright.sync_api import Page
 
+from .conftest import stop_job_and_remove_logs
 from .test_ui_browser import (
     V1,
     open_accordion,
@@ -79,16 +80,7 @@ def cleanup(host_api, host_dir):
     made = {"names": [], "jobs": [], "folders": []}
     yield made
     for job_id in made["jobs"]:
-        job = host_api.call("GET", f"{V1}/jobs/{job_id}")
-        if job["active"]:
-            host_api.call("POST", f"{V1}/interrupt", {})
-            deadline = time.time() + 120
-            while job["active"] and time.time() < deadline:
-                time.sleep(0.5)
-                job = host_api.call("GET", f"{V1}/jobs/{job_id}")
-        log_dir = (job.get("result") or {}).get("log_dir")
-        if log_dir:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        stop_job_and_remove_logs(host_api, job_id)
     for folder in made["folders"]:  # the caption editor's thumbnails live in a cache outside the folder
         if Path(folder).is_dir():
             query = urllib.parse.urlencode({"folder": folder, "per_page": 1000})
