@@ -19,7 +19,8 @@ def fresh_embedding(backend, folder: Path, name: str = "toy") -> Path:
 
 
 def params(**kw) -> TrainParams:
-    base = dict(max_steps=12, save_every=0, preview_every=0, csv_every=1, learn_rate="0.01", seed=5)
+    base = dict(max_steps=12, save_every=0, preview_every=0, csv_every=1, learn_rate="0.01", seed=5,
+                comparison_grid=False)
     base.update(kw)
     return TrainParams(**base)
 
@@ -39,6 +40,8 @@ class FaultyBackend:
 
     def training_loss(self, *args):
         loss = self._inner.training_loss(*args)
+        if not torch.is_grad_enabled():  # the validation loss: not a training call
+            return loss
         self.calls += 1
         if self.calls >= self.at_call:
             if self.fault == "nan":
@@ -56,12 +59,15 @@ def test_training_changes_vectors_writes_csv_and_snapshots(tiny_backend, demo_da
     assert not torch.equal(before.single(), after.single())
     assert torch.isfinite(after.single()).all()
     rows = list(csv.reader(out.paths.loss_csv.open()))
-    assert rows[0] == ["step", "epoch", "epoch_step", "loss", "learn_rate"]
+    # A1111's five columns first, then ours (empty where not measured at that step)
+    assert rows[0] == ["step", "epoch", "epoch_step", "loss", "learn_rate", "val_loss", "norm_ratio"]
     assert [int(r[0]) for r in rows[1:]] == list(range(1, 13))
-    # snapshots are named by the exact step and hold that step (the host is off by one)
+    assert all(float(r[6]) > 0 for r in rows[1:])
+    assert [r[5] != "" for r in rows[1:]] == [step == 12 for step in range(1, 13)]  # val_every 50: the last step
+    # snapshots are named by the exact step and hold that step (the host is off by one); step 0 = the start
     snaps = sorted(out.paths.snapshots.glob("toy-*.pt"))
-    assert [s.name for s in snaps] == ["toy-10.pt", "toy-5.pt"]
-    assert formats.load_embedding(snaps[0]).embedding.step == 10
+    assert {s.name for s in snaps} >= {"toy-0.pt", "toy-5.pt", "toy-10.pt"}
+    assert formats.load_embedding(out.paths.snapshots / "toy-10.pt").embedding.step == 10
     assert (out.paths.snapshots / "toy-10.pt.optim").exists()
     # the model stays frozen: no gradients on any weight
     for module in (tiny_backend.unet, tiny_backend.text_encoder, tiny_backend.vae):

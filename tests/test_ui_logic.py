@@ -87,7 +87,8 @@ def test_a_new_field_gets_a_control_without_ui_changes():
 
 def test_sections_main_first_then_declaration_order():
     groups = by_section(control_specs(TrainParams, "p_"))
-    assert list(groups) == ["main", "captions", "optimizer", "performance", "output", "preview"]
+    assert list(groups) == ["main", "captions", "optimizer", "performance", "output", "preview", "validation",
+                            "health"]
     assert sum(len(g) for g in groups.values()) == len(fields_of(TrainParams))
     assert section_title("performance") == "Performance"
 

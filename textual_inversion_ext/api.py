@@ -85,6 +85,18 @@ def create(service: Service, body: dict[str, Any]) -> dict[str, Any]:
             "message": created.message}
 
 
+def create_hints(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """POST the /create body ("name", "init_text"?, "num_vectors"?, "init_mode"?) and "template"?: the live
+    hints, each {"level": "info"|"warn", "text"}, under "name", "init_text" and "prompt_budget"."""
+    record = dict(body)
+    template = record.pop("template", None)
+    if template is not None and not isinstance(template, str):
+        raise ApiError(422, f"template: expected str, got {type(template).__name__} {template!r}.")
+    params = _params(CreateParams, record)  # types, bounds and choices as for /create
+    return service.create_hints(params.name, params.init_text, params.num_vectors, template or None,
+                                params.init_mode)
+
+
 def train(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     record = dict(body)
     name = _name(record)
@@ -92,13 +104,60 @@ def train(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     data_dir = record.pop("data_dir", None)
     if not isinstance(data_dir, str) or not data_dir.strip():
         raise ApiError(422, "'data_dir' is required (the dataset folder on the server).")
+    resume_from = record.pop("resume_from", None)
+    if resume_from is not None and not isinstance(resume_from, str):
+        raise ApiError(422, "resume_from must be a snapshot path (see /snapshots).")
     params = _params(TrainParams, record, service.train_params)
     try:
         service.embedding_path(name)
     except TIError as exc:
         raise ApiError(404, str(exc)) from exc
-    job = service.start_training(name, data_dir, params)
+    job = service.start_training(name, data_dir, params, resume_from=resume_from or None)
     return {"job_id": job.id, "job": job.to_dict()}
+
+
+def snapshots(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """GET ?name=…: every snapshot of the embedding (newest run first) with step, validation loss, best mark."""
+    return {"snapshots": service.snapshots(_name(body))}
+
+
+def promote(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """POST {"name", "snapshot"}: the snapshot replaces the embedding file (usable in prompts at once)."""
+    name, snapshot = _name(body), _name(body, "snapshot")
+    try:
+        service.embedding_path(name)
+    except TIError as exc:
+        raise ApiError(404, str(exc)) from exc
+    return service.promote(name, snapshot)
+
+
+def grid(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """POST {"name", "log_dir"?, "prompts"?}: render a run's comparison grid as a job (default: newest run)."""
+    prompts, log_dir = body.get("prompts") or "", body.get("log_dir") or None
+    if not isinstance(prompts, str) or (log_dir is not None and not isinstance(log_dir, str)):
+        raise ApiError(422, "prompts (one per line) and log_dir must be strings.")
+    job = service.start_grid(_name(body), log_dir, prompts)
+    return {"job_id": job.id, "job": job.to_dict()}
+
+
+def presets(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    return {"presets": service.presets()}
+
+
+def preset_load(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """GET ?preset=…: the preset's Train fields ("params") and extra fields ("extra")."""
+    return service.load_preset(_name(body, "preset"))
+
+
+def preset_save(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    """POST {"preset", "extra"?, …Train fields}: fields left out take the defaults."""
+    record = dict(body)
+    preset = _name(record, "preset")
+    record.pop("preset")
+    extra = record.pop("extra", None) or {}
+    if not isinstance(extra, dict):
+        raise ApiError(422, "extra must be an object.")
+    return service.save_preset(preset, _params(TrainParams, record, service.train_params), extra)
 
 
 def preprocess(service: Service, body: dict[str, Any]) -> dict[str, Any]:
@@ -208,12 +267,19 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/schema", schema),
     ("GET", "/embeddings", embeddings),
     ("POST", "/create", create),
+    ("POST", "/create/hints", create_hints),
     ("POST", "/train", train),
     ("POST", "/preprocess", preprocess),
     ("POST", "/check", check),
     ("GET", "/captions", captions),
     ("POST", "/captions/edit", caption_edit),
     ("GET", "/captions/tags", caption_tags),
+    ("GET", "/snapshots", snapshots),
+    ("POST", "/promote", promote),
+    ("POST", "/grid", grid),
+    ("GET", "/presets", presets),
+    ("GET", "/presets/load", preset_load),
+    ("POST", "/presets/save", preset_save),
     ("GET", "/jobs/current", current_job),  # before /jobs/{id}
     ("GET", "/jobs/{id}", job),
     ("POST", "/interrupt", interrupt),

@@ -1,4 +1,5 @@
-"""Command line: `python -m textual_inversion_ext create|train|info|convert|demo|preprocess|captions|check …`."""
+"""Command line: `python -m textual_inversion_ext COMMAND …` (create, train, promote, grid, info, convert, demo,
+preprocess, captions, check)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .core import formats
 from .core.create import CreateParams, create_embedding
 from .core.dataset_check import CheckParams
 from .core.errors import TIError
-from .core.params import add_arguments, from_namespace
+from .core.params import add_arguments, from_namespace, to_record
 from .core.preprocess import PreprocessParams
 from .core.train_params import TrainParams
 
@@ -76,7 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Root of the per-run log folders (snapshots, previews, CSV, run record). "
                         "Default: %(default)s.")
     p.add_argument("--recursive", action="store_true", help="Also read images in sub-folders.")
+    p.add_argument("--resume-from", type=Path, default=None, metavar="SNAPSHOT",
+                   help="Continue from a snapshot (<name>-<step>.pt, with its .optim for an exact resume); the "
+                        "result is still written to EMBEDDING (or --output).")
+    p.add_argument("--preset", type=Path, default=None, metavar="FILE",
+                   help="Train preset (JSON, as the UI saves them): its values become the defaults; flags given "
+                        "here override them.")
+    p.add_argument("--save-preset", type=Path, default=None, metavar="FILE",
+                   help="Also save these training parameters as a preset.")
     add_arguments(p, TrainParams)
+    _model_args(p)
+
+    p = sub.add_parser("promote", help="Make a snapshot the embedding (replaces the embedding file).",
+                       description="Copy a snapshot's vectors (and optimizer state and run record) to the embedding "
+                                   "file, under the embedding's name, e.g. to keep the best step.")
+    p.add_argument("snapshot", type=Path, help="Snapshot file <name>-<step>.pt from a run's embeddings/ folder.")
+    p.add_argument("embedding", type=Path, help="The embedding file to replace (its format comes from its suffix).")
+
+    p = sub.add_parser("grid", help="Render a run's comparison grid (snapshots × prompts, same seed).",
+                       description="Render every snapshot of a finished run (and its starting vectors) with the run's "
+                                   "preview prompts and seed into LOG_DIR/<name>-comparison.png.")
+    p.add_argument("log_dir", type=Path, help="The run's log folder (holds run.json).")
+    p.add_argument("--prompt", action="append", default=[], help="A prompt to use instead (repeatable).")
     _model_args(p)
 
     p = sub.add_parser("info", help="Describe an embedding file.",
@@ -167,8 +189,29 @@ def _captions_parser(sub: argparse._SubParsersAction) -> None:
         ops.choices[name].add_argument("--recursive", action="store_true", help="Include sub-folders.")
 
 
+def _preset_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """`train --preset FILE`: the preset's values become the train command's defaults, so flags override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--preset", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if known.command != "train" or known.preset is None:
+        return
+    from .core.presets import load_preset
+
+    params, _extra = load_preset(known.preset.parent, known.preset.stem)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices["train"].set_defaults(**to_record(params))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        _preset_defaults(parser, argv)
+    except TIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
@@ -191,12 +234,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .core.run import RunRequest
 
     params = from_namespace(TrainParams, args)
+    if args.save_preset:
+        from .core.presets import save_preset
+
+        print(f"Saved preset {save_preset(args.save_preset.parent, args.save_preset.stem, params)}")
     backend = load_backend(args)
-    request = RunRequest(args.embedding, args.data, args.log_dir, params, args.output, args.recursive)
+    request = RunRequest(args.embedding, args.data, args.log_dir, params, args.output, args.recursive,
+                         resume_from=args.resume_from)
     outcome = train_with_progress_bar(backend, request)
-    print(outcome.result.message)
+    result = outcome.result
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(result.message)
     print(f"Log folder: {outcome.paths.log_dir}")
-    return 0 if outcome.result.status in ("finished", "interrupted") else 1
+    if outcome.grid:
+        print(f"Comparison grid: {outcome.grid}")
+    if result.best_path and result.best_step != result.step:
+        print(f"To keep the best step instead: python -m textual_inversion_ext promote {result.best_path} "
+              f"{result.final_path}")
+    return 0 if result.status in ("finished", "interrupted") else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from .core.snapshots import promote
+
+    target = promote(args.snapshot, args.embedding)
+    print(f"{target} now holds {args.snapshot.name} (step {formats.load_embedding(target).embedding.step}).")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .core.run import render_run_grid
+
+    if not (args.log_dir / "run.json").is_file():
+        raise TIError(f"{args.log_dir} has no run.json: give a run's log folder.")
+    path = render_run_grid(load_backend(args), args.log_dir, "\n".join(args.prompt), status=print)
+    print(f"Comparison grid: {path}")
+    return 0
 
 
 def train_with_progress_bar(backend, request):
@@ -210,7 +284,8 @@ def train_with_progress_bar(backend, request):
 
     def on_progress(p) -> None:
         bar.total = p.end_step
-        bar.set_postfix_str(f"loss {p.loss:.4f} lr {p.learn_rate:.2g} {p.s_per_step:.3f}s/step "
+        val = f" val {p.validation[-1][1]:.4f}" if p.validation else ""
+        bar.set_postfix_str(f"loss {p.loss:.4f}{val} lr {p.learn_rate:.2g} {p.s_per_step:.3f}s/step "
                             f"ETA {p.eta_s:.0f}s", refresh=False)
         bar.update(p.step - bar.n)  # redraws at most every mininterval, not every step
 
@@ -379,4 +454,5 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"create": cmd_create, "train": cmd_train, "info": cmd_info, "convert": cmd_convert,
-            "demo": cmd_demo, "preprocess": cmd_preprocess, "captions": cmd_captions, "check": cmd_check}
+            "demo": cmd_demo, "preprocess": cmd_preprocess, "captions": cmd_captions, "check": cmd_check,
+            "promote": cmd_promote, "grid": cmd_grid}

@@ -50,7 +50,15 @@ class Job:
     done: int | None = None
     total: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    # Training series for the live chart and health display, (step, value) each.
+    learn_rates: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    norms: list[tuple[int, float]] = field(default_factory=list)  # largest vector norm / vocabulary median
+    norm_ratios: list[float] = field(default_factory=list)  # the latest, per vector
+    warnings: list[str] = field(default_factory=list)
+    best_step: int | None = None
     previews: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     finished: float | None = None
@@ -68,11 +76,18 @@ class Job:
             "step": p.step if p else None, "end_step": p.end_step if p else None,
             "loss": p.loss if p else None, "learn_rate": p.learn_rate if p else None,
             "s_per_step": p.s_per_step if p else None, "eta_s": p.eta_s if p else None,
-            "losses": [[s, v] for s, v in self.losses if s > since_step],
-            "previews": list(self.previews), "result": dict(self.result),
+            "losses": _since(self.losses, since_step), "learn_rates": _since(self.learn_rates, since_step),
+            "validation": _since(self.validation, since_step), "norms": _since(self.norms, since_step),
+            "norm_ratios": list(self.norm_ratios), "warnings": list(self.warnings), "best_step": self.best_step,
+            "previews": list(self.previews), "snapshots": list(self.snapshots), "result": dict(self.result),
             "done": self.done, "total": self.total,
             "started": self.started, "finished": self.finished,
         }
+
+
+def _since(series: list[tuple[int, float]], step: int) -> list[list[float]]:
+    """The points after `step`; 0 = all of them (the validation loss is also measured at step 0)."""
+    return [[s, v] for s, v in series if s > step or step == 0]
 
 
 class JobManager:

@@ -14,13 +14,17 @@ from typing import Any
 
 from . import dataset_ops
 from .backends.protocol import Backend
-from .core import formats
+from .core import create_hints, formats, grid
 from .core.create import Created, CreateParams, create_embedding
 from .core.embedding import validate_name
 from .core.errors import EmbeddingFormatError, TIError
-from .core.params import from_record
+from .core.metrics import Progress
+from .core.params import from_record, to_record
 from .core.preprocess import PreprocessParams, Upscaler, check_params, preprocess, resolve_folders
-from .core.run import RunRequest, run_training
+from .core.presets import list_presets, load_preset, save_preset
+from .core.run import RunRequest, render_run_grid, run_training
+from .core.snapshots import check_inside, list_snapshots, promote
+from .core.templates import load_template
 from .core.train_params import TrainParams
 from .jobs import Job, JobManager
 
@@ -44,6 +48,11 @@ class Service:
     # called per run, since the host's setting may change. None = Lanczos.
     upscaler: Callable[[], Upscaler | None] = lambda: None
     thumbnail_dir: Path | None = None  # caption editor thumbnails; None = the user cache folder
+    presets_dir: Path | None = None  # saved Train presets; None = `<log_root>/.presets`
+
+    @property
+    def presets_folder(self) -> Path:
+        return self.presets_dir or self.log_root / ".presets"
 
     def embedding_path(self, name: str) -> Path:
         name = validate_name(name)
@@ -76,41 +85,127 @@ class Service:
         self.on_embeddings_changed()
         return created
 
+    def create_hints(self, name: str = "", init_text: str = "", num_vectors: int = 0, template: str | None = None,
+                     init_mode: str = "pool") -> dict[str, Any]:
+        """The Create form's hints (core/create_hints): the name (word? exists?), the init text, and the
+        longest training prompt of `template` (default: the training default) with this many vectors."""
+        hints = create_hints
+        entries = self.list_embeddings()
+        template = template or self.train_defaults().get("template") or TrainParams().template
+        vectors = hints.vectors_for(init_text, num_vectors)
+        try:
+            budget = hints.prompt_budget(load_template(template), vectors, (), name)
+        except TIError as exc:  # a missing or unreadable template
+            budget = [hints.Hint(hints.WARN, str(exc))]
+        names, files = [e["name"] for e in entries], [e["file"] for e in entries]
+        return {"name": hints.as_records(hints.name_hints(name, names, files)),
+                "init_text": hints.as_records(hints.init_text_hints(init_text, num_vectors, init_mode)),
+                "prompt_budget": hints.as_records(budget), "vectors": vectors, "template": template}
+
     def train_params(self, record: Mapping[str, Any]) -> TrainParams:
         """TrainParams from the host's defaults overlaid with `record` (validated; unknown keys fail)."""
         return from_record(TrainParams, {**self.train_defaults(), **record})
 
-    def start_training(self, name: str, data_dir: str | Path, params: TrainParams) -> Job:
+    def start_training(self, name: str, data_dir: str | Path, params: TrainParams,
+                       resume_from: str | Path | None = None) -> Job:
+        """Train in the background; `resume_from`: one of this embedding's snapshots (see `snapshots`) to
+        continue from, step-exact with its optimizer state; the result replaces the embedding file."""
         path = self.embedding_path(name)
         params = self.before_training(params)
         data = Path(data_dir).expanduser()
         if not data.is_dir():
             raise TIError(f"The dataset folder {data} does not exist.")
-        request = RunRequest(path, data, self.log_root, params)
+        start = self._own_snapshot(path.stem, resume_from) if resume_from else None
+        request = RunRequest(path, data, self.log_root, params, resume_from=start)
 
         def work(job: Job) -> dict[str, Any]:
-            def on_progress(progress) -> None:
+            def on_progress(progress: Progress) -> None:
                 if job.progress is None:
                     job.message = "Training…"  # replaces the set-up messages (scan, encoding)
                 job.progress = progress
                 job.losses.append((progress.step, progress.loss))
+                job.learn_rates.append((progress.step, progress.learn_rate))
+                job.validation.extend(progress.validation)
+                if progress.norm_ratios:
+                    job.norm_ratios = list(progress.norm_ratios)
+                    job.norms.append((progress.step, max(progress.norm_ratios)))
+                job.warnings, job.best_step = list(progress.warnings), progress.best_step
                 self.jobs.hooks.update(progress.step, progress.end_step,
                                        f"Step {progress.step}/{progress.end_step}, loss {progress.loss:.4f}")
 
             def on_artifact(kind: str, path: Path) -> None:
                 if kind == "preview":  # shown by the UI while training goes on
                     job.previews.append(str(path))
+                elif kind == "snapshot":
+                    job.snapshots.append(str(path))
 
             outcome = run_training(self.backend(), request, progress=on_progress, stop=job.stop,
                                    status=lambda text: setattr(job, "message", text), on_artifact=on_artifact)
             self.on_embeddings_changed()
             result = outcome.result
+            job.snapshots = [str(p) for p in (result.start_path, *result.snapshots) if p and p.exists()]
+            job.warnings, job.best_step = list(result.warnings), result.best_step
             return {"status": result.status, "message": result.message, "step": result.step,
                     "embedding": str(result.final_path), "log_dir": str(outcome.paths.log_dir),
-                    "loss_csv": str(outcome.paths.loss_csv),
-                    "snapshots": [str(p) for p in result.snapshots]}
+                    "loss_csv": str(outcome.paths.loss_csv), "record": str(outcome.record_path),
+                    "snapshots": [str(p) for p in result.snapshots],
+                    "best_step": result.best_step, "best_val_loss": result.best_loss,
+                    "best_snapshot": str(result.best_path) if result.best_path else None,
+                    "early_stopped": result.early_stopped, "warnings": list(result.warnings),
+                    "grid": str(outcome.grid) if outcome.grid else None}
 
         return self.jobs.start("train", path.stem, work)
+
+    # ------------------------------------------------------------ snapshots, grid, presets
+
+    def _own_snapshot(self, name: str, snapshot: str | Path) -> Path:
+        path = check_inside(Path(snapshot), self.log_root)
+        if grid.snapshot_step(path) is None or path.stem.rsplit("-", 1)[0] != name:
+            raise TIError(f"{Path(snapshot).name} is not a snapshot of '{name}' (expected {name}-<step>.pt).")
+        return path
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """Every saved snapshot of `name` (newest run first), with its validation loss and best mark."""
+        return [s.to_dict() for s in list_snapshots(self.log_root, validate_name(name))]
+
+    def promote(self, name: str, snapshot: str | Path) -> dict[str, Any]:
+        """Make a snapshot the embedding itself (same file name, so prompts use it at once)."""
+        target = self.embedding_path(name)
+        if self.jobs.is_training(target.stem):
+            raise TIError(f"'{name}' is being trained; interrupt the training before promoting a snapshot.")
+        source = self._own_snapshot(target.stem, snapshot)
+        promote(source, target)
+        self.on_embeddings_changed()
+        step = formats.load_embedding(target).embedding.step
+        return {"embedding": str(target), "step": step, "from": str(source),
+                "message": f"'{target.stem}' is now the step-{step} snapshot ({source.name}); it is ready to use."}
+
+    def start_grid(self, name: str, log_dir: str | Path | None = None, prompts: str = "") -> Job:
+        """Render a run's comparison grid in the background (default: the newest run of `name`)."""
+        name = validate_name(name)
+        runs = sorted((self.log_root / name).glob("*/run.json"), reverse=True)
+        folder = Path(log_dir) if log_dir else (runs[0].parent if runs else None)
+        if folder is None:
+            raise TIError(f"'{name}' has no training runs under {self.log_root}.")
+        folder = check_inside(folder / "run.json", self.log_root).parent
+
+        def work(job: Job) -> dict[str, Any]:
+            path = render_run_grid(self.backend(), folder, prompts, stop=job.stop,
+                                   status=lambda text: setattr(job, "message", text))
+            return {"status": "finished", "message": f"Comparison grid saved to {path}.", "grid": str(path)}
+
+        return self.jobs.start("grid", name, work)
+
+    def save_preset(self, preset: str, params: TrainParams, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        path = save_preset(self.presets_folder, preset, params, extra)
+        return {"preset": path.stem, "file": str(path), "message": f"Saved preset '{path.stem}'."}
+
+    def load_preset(self, preset: str) -> dict[str, Any]:
+        params, extra = load_preset(self.presets_folder, preset)
+        return {"preset": preset, "params": to_record(params), "extra": extra}
+
+    def presets(self) -> list[str]:
+        return list_presets(self.presets_folder)
 
     # ------------------------------------------------------------ dataset preparation
 

@@ -178,3 +178,18 @@ def test_served_endpoints_create_train_refusal_and_interrupt(service, tmp_path):
             release.set()
     finally:
         app.close()
+
+
+def test_create_notes_and_the_effective_lr_note_are_wired(blocks, service):
+    ids = by_id(blocks)
+    outputs = {tuple(o._id for o in f.outputs): f.fn for f in fns(blocks)}
+    note_ids = (ids["tiext_create_name_info"]._id, ids["tiext_create_init_text_info"]._id)
+    name_html, init_html = outputs[note_ids]("car", "blue bmw", 70, "pool")  # name, init text, vectors, mode
+    assert "tiext-warn" in name_html and "whole word of CLIP" in name_html
+    assert "2 tokens → suggested vectors 2" in init_html and "over the 75-token budget" in init_html
+    init_only = outputs[note_ids[1:]]("tiext-robot", "blue bmw", 0, "pool")
+    assert init_only == "<div class='tiext-note'>2 tokens → suggested vectors 2</div>"
+    lr = ids["tiext_train_lr_info"]
+    assert isinstance(lr, gr.HTML)
+    assert "= 0.02." in outputs[(lr._id,)]("0.005", 2, 2, True)
+    assert "tiext-warn" in outputs[(lr._id,)]("0.005:x", 2, 2, True)

@@ -82,8 +82,13 @@ class Backend(Protocol):
         height: int,
         cfg_scale: float,
         negative_prompt: str = "",
+        sampler: str = "",
     ) -> Image.Image:
-        """Generate one image with the given vectors (never cached conditioning)."""
+        """Generate one image with the given vectors (never cached conditioning); `sampler` is one of
+        `samplers()`, empty = the model's default."""
+
+    def samplers(self) -> list[str]:
+        """Sampler names `preview` accepts (as the host's txt2img names them)."""
 
     def training_session(self, options: TrainingOptions) -> contextlib.AbstractContextManager[None]:
         """Freeze every model weight, apply `options`; restore everything on exit (also on error)."""

@@ -24,7 +24,7 @@ class CreateParams:
     init_text: str = param("*", "Initialization text",
                            "Words the vectors start from, e.g. 'blue bmw'; empty = zero vectors.")
     num_vectors: int = param(0, "Vectors per token",
-                             "How many vectors the embedding has; 0 = one per token of the init text.",
+                             "How many vectors the embedding has; 0 = one per token of the init text (at most 75).",
                              minimum=0, maximum=75)
     init_mode: str = param("pool", "Init with more tokens than vectors",
                            "'pool' averages neighbouring tokens so none is lost; 'truncate' keeps the first.",
@@ -47,7 +47,9 @@ def create_embedding(backend: Backend, params: CreateParams, folder: Path, suffi
     if path.exists() and not params.overwrite:
         raise TIError(f"{path} already exists; choose another name or allow overwriting.")
     ids = tokens.token_ids(params.init_text) if params.init_text.strip() else []
-    n_vectors = params.num_vectors or max(1, len(ids))
+    # 0 = one per token, capped at the prompt budget (a longer init text is pooled): more vectors than a
+    # prompt holds would never fit in one.
+    n_vectors = params.num_vectors or max(1, min(len(ids), tokens.PROMPT_TOKEN_BUDGET))
     encoders = backend.info.encoders
     rows = backend.token_rows(ids) if ids else {key: torch.zeros(0, dim) for key, dim in encoders.items()}
     words = tokens.decode_tokens(ids)  # so messages name words, not token numbers

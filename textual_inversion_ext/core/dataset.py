@@ -11,6 +11,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,13 @@ class TrainingSet:
     buckets: list[tuple[int, int]]  # per image, pixel size
     latents: list[dict[bool, CachedLatent]]  # per image: {flipped: latent}
     skipped: list[images.SkippedFile] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)  # per image, where it came from
+
+    def subset(self, indices: Sequence[int]) -> TrainingSet:
+        """The images at `indices` (e.g. the training or the held-out part of a validation split)."""
+        return TrainingSet([self.captions[i] for i in indices], [self.buckets[i] for i in indices],
+                           [self.latents[i] for i in indices], self.skipped,
+                           [self.paths[i] for i in indices] if self.paths else [])
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -78,6 +86,7 @@ def prepare(
     captions: list[str] = []
     sizes: list[tuple[int, int]] = []
     pixels: list[torch.Tensor] = []
+    paths: list[Path] = []
     for item in scan.items:
         try:
             img = images.load_rgb(item.path)
@@ -92,6 +101,7 @@ def prepare(
         pixels.append(images.to_tensor(images.resize_and_crop(img, size)))
         captions.append(item.caption)
         sizes.append(size)
+        paths.append(item.path)
     if not captions:
         raise DatasetError("None of the dataset images could be read; see the skipped-file report.")
 
@@ -121,7 +131,7 @@ def prepare(
                     progress(done, total)
     if len(by_size) > 1:
         logger.info("Aspect buckets: %s", ", ".join(f"{w}x{h}: {len(v)}" for (w, h), v in by_size.items()))
-    return TrainingSet(captions, sizes, latents, skipped)
+    return TrainingSet(captions, sizes, latents, skipped, paths)
 
 
 def _fixed_sample(mean: torch.Tensor, std: torch.Tensor, mode: str, seed: int) -> torch.Tensor:

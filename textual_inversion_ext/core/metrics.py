@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CSV_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
+# A1111's five columns first (tools that read its CSV keep working), then ours; empty = not measured.
+CSV_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate", "val_loss", "norm_ratio")
 
 
 class LossCsv:
-    """A1111-compatible loss log: `step,epoch,epoch_step,loss,learn_rate`, appended and flushed."""
+    """Loss log `step,epoch,epoch_step,loss,learn_rate,val_loss,norm_ratio`, appended and flushed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -23,17 +24,21 @@ class LossCsv:
             self._writer.writerow(CSV_COLUMNS)
             self._file.flush()
 
-    def write(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float) -> None:
-        self._writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", learn_rate])
+    def write(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float,
+              val_loss: float | None = None, norm_ratio: float | None = None) -> None:
+        self._writer.writerow([step, epoch, epoch_step, f"{loss:.7f}", learn_rate,
+                               "" if val_loss is None else f"{val_loss:.7f}",
+                               "" if norm_ratio is None else f"{norm_ratio:.4f}"])
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
-def read_loss_csv(path: Path) -> list[dict[str, float]]:
+def read_loss_csv(path: Path) -> list[dict[str, float | None]]:
+    """Rows as numbers; an empty cell (not measured at that step) is None."""
     with path.open(newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class Progress:
     eta_s: float
     epoch: int
     message: str = ""
+    validation: tuple[tuple[int, float], ...] = ()  # (step, validation loss) measured since the last report
+    best_step: int | None = None  # lowest validation loss so far
+    norm_ratios: tuple[float, ...] = ()  # each vector's norm / the vocabulary's median norm
+    warnings: tuple[str, ...] = ()  # every warning so far (overtraining, inflated norms, recoveries)
 
 
 class StepTimer:

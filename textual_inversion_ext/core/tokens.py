@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # One CLIP chunk holds 77 ids: BOS + 75 prompt tokens + EOS. A1111 splits longer prompts into
 # chunks, but an embedding must fit into one chunk with the rest of the prompt.
 PROMPT_TOKEN_BUDGET = 75
+VOCAB_SIZE = 49408  # ids 49406/49407 are <start>/<end>
 
 INIT_MODES = ("pool", "truncate", "spread", "zeros")
 

@@ -70,15 +70,52 @@ class TrainParams:
     save_optimizer_state: bool = param(True, "Save optimizer state",
                                        "Write a .optim file next to each saved embedding, for exact resume.",
                                        section="output")
-    preview_prompt: str = param("", "Preview prompt", "Prompt for previews; empty = built from the template.",
-                                section="preview")
+    preview_prompt: str = param("", "Preview prompts",
+                                "One prompt per line (use the embedding's name in it); each gives a preview. "
+                                "Empty = one prompt built from the template.", section="preview")
     preview_negative: str = param("", "Preview negative prompt", "Negative prompt for previews.",
                                   section="preview")
+    preview_sampler: str = param("", "Preview sampler",
+                                 "Sampler name as in txt2img (e.g. 'Euler a', 'DPM++ 2M', 'DDIM'); empty = the "
+                                 "model's default.", section="preview")
     preview_steps: int = param(20, "Preview steps", "Sampling steps of a preview.", minimum=1, maximum=150,
                                section="preview")
     preview_cfg: float = param(7.0, "Preview CFG scale", "Classifier-free guidance of previews.", minimum=1.0,
                                maximum=30.0, section="preview")
     preview_seed: int = param(1, "Preview seed", "Fixed seed so previews are comparable.", minimum=0,
                               section="preview")
+    preview_width: int = param(0, "Preview width", "Preview width in pixels; 0 = the training size.", minimum=0,
+                               maximum=2048, step=64, section="preview")
+    preview_height: int = param(0, "Preview height", "Preview height in pixels; 0 = the training size.",
+                                minimum=0, maximum=2048, step=64, section="preview")
+    comparison_grid: bool = param(True, "Comparison grid",
+                                  "After training, render every snapshot (and the starting vectors) with the "
+                                  "preview prompts and seed into one grid image.", section="preview")
+    val_every: int = param(50, "Validate every",
+                           "Every N steps, the loss on a fixed set with fixed noise and timesteps (comparable "
+                           "across steps and runs); 0 = off.", minimum=0, section="validation")
+    val_split: float = param(0.0, "Validation split",
+                             "Share of the images held out for validation; 0 = validate on the training images.",
+                             minimum=0.0, maximum=0.5, step=0.05, section="validation")
+    val_timesteps: int = param(4, "Validation timesteps", "Fixed noise levels per image in the validation loss.",
+                               minimum=1, maximum=32, section="validation")
+    overtrain_patience: int = param(3, "Overtraining patience",
+                                    "Warn when the validation loss rose this many evaluations in a row while the "
+                                    "training loss fell.", minimum=1, maximum=100, section="validation")
+    early_stop: bool = param(False, "Early stop", "Stop (and save) when the overtraining warning fires.",
+                             section="validation")
+    keep_best: bool = param(True, "Keep best snapshot",
+                            "Save a snapshot at the step with the lowest validation loss.", section="validation")
+    norm_warn: float = param(4.0, "Norm warning",
+                             "Warn when a vector's norm exceeds this multiple of the median norm of the model's "
+                             "vocabulary (inflated vectors override every prompt); 0 = off.", minimum=0.0,
+                             maximum=100.0, step=0.5, section="health")
+    norm_cap: float = param(0.0, "Norm cap",
+                            "Scale vectors down to at most this multiple of the vocabulary's median norm after "
+                            "every step; 0 = off.", minimum=0.0, maximum=100.0, step=0.5, section="health")
+    nan_retries: int = param(3, "NaN recoveries",
+                             "On a non-finite loss, roll back to the last good vectors, halve the learning rate "
+                             "and continue, at most this many times; 0 = stop at once.", minimum=0, maximum=20,
+                             section="health")
     seed: int = param(0, "Seed", "Seed for data order, templates, noise and timesteps (same seed, same run).",
                       minimum=0)

@@ -5,7 +5,6 @@ Written to the subset gradio 3.41 and 4.40 share; differences go through `compat
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -67,10 +66,6 @@ def _rows(specs: Sequence[ControlSpec], out: dict[str, Any]) -> None:
                 out[spec.name] = build_control(spec)
 
 
-def note(text: str) -> str:
-    return f"<div class='tiext-note'>{html.escape(text)}</div>" if text else ""
-
-
 def frame(rows: list[tuple[int, float, str]]) -> Any:
     import pandas as pd  # a gradio dependency in both versions; imported only when a chart is drawn
 
@@ -110,6 +105,7 @@ def _train_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
                                          elem_id="tiext_check_report",
                                          info="Also run when training starts (its summary is in the message).")
             ui.controls = build_controls(specs)
+            ui.lr_info = gr.HTML(elem_id="tiext_train_lr_info")  # the effective learning rate (_wire_train_lr)
             with gr.Row():
                 ui.train = gr.Button("Train embedding", variant="primary", elem_id="tiext_train_button")
                 ui.interrupt = gr.Button("Interrupt", elem_id="tiext_interrupt_button")
@@ -206,20 +202,27 @@ def build(service: Any) -> gr.Blocks:
                 train = _train_tab(train_specs)
         _wire(blocks, service, create, create_specs, train, train_specs, preprocess)
         _wire_preprocess(service, preprocess, prep_specs, train)
+        _wire_train_lr(blocks, train)
     return blocks
 
 
 def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequence[ControlSpec],
           train: SimpleNamespace, train_specs: Sequence[ControlSpec], preprocess: SimpleNamespace) -> None:
     name_box, init_box = create.controls["name"], create.controls["init_text"]
+    # the notes under the Create fields read all four: name, init text, vectors, init mode
+    note_inputs = [name_box, init_box, create.controls["num_vectors"], create.controls["init_mode"]]
     size_boxes = [preprocess.controls["width"], preprocess.controls["height"]]
 
-    def on_load(init_text: str) -> tuple[Any, ...]:
+    def on_load(*create_values: Any) -> tuple[Any, ...]:
         # Per page load, not at build: listing reads every embedding file (keep host start-up light);
         # the preprocess size follows the model loaded now.
         size = prep.preprocess_defaults(service, [s for s in preprocess.specs if s.name in ("width", "height")])
-        return (compat.update(choices=handlers.embedding_names(service)), note(handlers.init_text_info(init_text)),
-                *size)
+        return (compat.update(choices=handlers.embedding_names(service)),
+                handlers.hints_html(handlers.init_note(*create_values)), *size)
+
+    def on_name(name: str, *rest: Any) -> tuple[str, str]:  # the init note too: the budget counts the name
+        return (handlers.hints_html(handlers.name_note(service, name)),
+                handlers.hints_html(handlers.init_note(name, *rest)))
 
     def on_create(*values: Any) -> tuple[Any, ...]:
         outcome, names = handlers.create(service, create_specs, values)
@@ -248,12 +251,13 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
         pictures = compat.no_change() if view.previews is None else view.previews
         return view.status, plot, pictures, view.cache, prep.preprocess_status(view.job)
 
-    blocks.load(on_load, inputs=[init_box], outputs=[train.embedding, create.init_note, *size_boxes], queue=False,
+    blocks.load(on_load, inputs=note_inputs, outputs=[train.embedding, create.init_note, *size_boxes], queue=False,
                 **compat.internal())
-    name_box.change(lambda text: note(handlers.name_info(text)), inputs=[name_box], outputs=[create.name_note],
-                    queue=False, show_progress="hidden", **compat.internal())
-    init_box.change(lambda text: note(handlers.init_text_info(text)), inputs=[init_box],
-                    outputs=[create.init_note], queue=False, show_progress="hidden", **compat.internal())
+    name_box.change(on_name, inputs=note_inputs, outputs=[create.name_note, create.init_note], queue=False,
+                    show_progress="hidden", **compat.internal())
+    for box in note_inputs[1:]:
+        box.change(lambda *values: handlers.hints_html(handlers.init_note(*values)), inputs=note_inputs,
+                   outputs=[create.init_note], queue=False, show_progress="hidden", **compat.internal())
     create.button.click(on_create, inputs=[create.controls[s.name] for s in create_specs],
                         outputs=[create.message, train.embedding], api_name="tiext_create")
     train.refresh.click(on_refresh, inputs=[], outputs=[train.embedding], queue=False, **compat.internal())
@@ -266,6 +270,19 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
     compat.poll(blocks, on_poll, inputs=[train.cache],
                 outputs=[train.status, train.chart, train.gallery, train.cache, preprocess.status],
                 seconds=POLL_SECONDS)
+
+
+def _wire_train_lr(blocks: Any, train: SimpleNamespace) -> None:
+    """The effective learning rate under the Train controls, kept current as its four inputs change."""
+    inputs = [train.controls[name] for name in ("learn_rate", "batch_size", "grad_accum", "scale_lr")]
+
+    def on_change(*values: Any) -> str:
+        return handlers.hints_html(handlers.lr_note(*values))
+
+    blocks.load(on_change, inputs=inputs, outputs=[train.lr_info], queue=False, **compat.internal())
+    for box in inputs:
+        box.change(on_change, inputs=inputs, outputs=[train.lr_info], queue=False, show_progress="hidden",
+                   **compat.internal())
 
 
 def _wire_preprocess(service: Any, ui: SimpleNamespace, specs: Sequence[ControlSpec], train: SimpleNamespace) -> None:

@@ -195,7 +195,8 @@ class A1111Backend:
         return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
     def preview(self, prompt: str, trigger: str, vectors: dict[str, torch.Tensor], *, seed: int, steps: int,
-                width: int, height: int, cfg_scale: float, negative_prompt: str = "") -> Image.Image:
+                width: int, height: int, cfg_scale: float, negative_prompt: str = "",
+                sampler: str = "") -> Image.Image:
         from modules import processing
 
         if vectors:
@@ -204,6 +205,7 @@ class A1111Backend:
             sd_model=self.model, prompt=prompt, negative_prompt=negative_prompt, seed=int(seed),
             steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
             do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True,
+            **({"sampler_name": sampler} if sampler else {}),
         )
         # The host caches conds by prompt text, not by vectors: fresh caches so a preview never reuses one.
         p.cached_c = [None, None]
@@ -213,6 +215,12 @@ class A1111Backend:
         if not processed.images:
             raise ModelError("The host returned no preview image (interrupted?).")
         return processed.images[0]
+
+    def samplers(self) -> list[str]:
+        """The host's txt2img samplers (hidden ones excluded, as in its dropdown)."""
+        from modules import sd_samplers
+
+        return list(sd_samplers.visible_sampler_names())
 
     def arm_failure(self, after: int) -> None:
         """Debug: make the loss evaluation after the next `after` ones raise (tests of the error path)."""

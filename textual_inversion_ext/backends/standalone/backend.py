@@ -12,8 +12,14 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
@@ -25,6 +31,18 @@ from ..protocol import LatentDist, ModelInfo, TrainingOptions, frozen
 from . import splice
 
 logger = logging.getLogger(__name__)
+
+# Preview samplers under the names A1111's txt2img uses; the first is the default.
+SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "DDIM": (DDIMScheduler, {}),
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "Euler": (EulerDiscreteScheduler, {}),
+    "Heun": (HeunDiscreteScheduler, {}),
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {}),
+    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "PLMS": (PNDMScheduler, {"skip_prk_steps": True}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+}
 
 
 class StandaloneBackend:
@@ -149,7 +167,11 @@ class StandaloneBackend:
         height: int,
         cfg_scale: float,
         negative_prompt: str = "",
+        sampler: str = "",
     ) -> Image.Image:
+        if sampler and sampler not in SAMPLERS:
+            raise ModelError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        scheduler_cls, extra = SAMPLERS[sampler or next(iter(SAMPLERS))]
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if width % scale or height % scale or width <= 0 or height <= 0:
             raise ValueError(f"preview size {width}x{height} must be positive multiples of {scale}")
@@ -163,7 +185,7 @@ class StandaloneBackend:
                 text_encoder=self.text_encoder,
                 tokenizer=None,
                 unet=self.unet,
-                scheduler=DDIMScheduler.from_config(self.scheduler_config),
+                scheduler=scheduler_cls.from_config(self.scheduler_config, **extra),
                 safety_checker=None,
                 feature_extractor=None,
                 image_encoder=None,
@@ -182,6 +204,9 @@ class StandaloneBackend:
                 output_type="pil",
             )
         return result.images[0]
+
+    def samplers(self) -> list[str]:
+        return list(SAMPLERS)
 
     # -------------------------------------------------------------- session
 

@@ -1,0 +1,93 @@
+"""The comparison grid: every snapshot of a run (columns, starting vectors first) × the preview prompts
+(rows), all with the same seed, so the step to keep can be chosen by eye."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..backends.protocol import Backend
+from . import formats
+from .errors import TIError
+from .fileio import atomic_path
+from .previews import PreviewSettings
+
+logger = logging.getLogger(__name__)
+
+HEADER, LABEL_WIDTH, PAD = 28, 200, 4
+
+
+def snapshot_step(path: Path) -> int | None:
+    """The step in a snapshot's file name `<name>-<step>.pt`, or None."""
+    tail = path.stem.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def snapshot_files(folder: Path, name: str) -> list[Path]:
+    """A run's snapshots of `name`, by step."""
+    found = [p for p in Path(folder).glob(f"{name}-*.pt") if snapshot_step(p) is not None
+             and p.stem.rsplit("-", 1)[0] == name]
+    return sorted(found, key=lambda p: snapshot_step(p) or 0)
+
+
+def columns_from(files: Sequence[Path], final: Path | None = None) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """(label, vectors) per column: the first file is the baseline ("init" at step 0), then "step N";
+    `final` is added when its step is not among the snapshots."""
+    columns, steps = [], set()
+    for i, path in enumerate(files):
+        emb = formats.load_embedding(path).embedding
+        steps.add(emb.step)
+        label = ("init" if emb.step == 0 else f"start ({emb.step})") if i == 0 else f"step {emb.step}"
+        columns.append((label, emb.vectors))
+    if final is not None and final.exists():
+        emb = formats.load_embedding(final).embedding
+        if emb.step not in steps:
+            columns.append((f"final ({emb.step})", emb.vectors))
+    if not columns:
+        raise TIError("No snapshots to compare: train with 'Snapshot every' > 0 or keep the best step.")
+    return columns
+
+
+def render_grid(backend: Backend, trigger: str, columns: Sequence[tuple[str, dict[str, torch.Tensor]]],
+                prompts: Sequence[str], settings: PreviewSettings, *,
+                progress: Callable[[int, int], None] | None = None,
+                stop: threading.Event | None = None) -> Image.Image:
+    w, h = settings.width, settings.height
+    grid = Image.new("RGB", (LABEL_WIDTH + len(columns) * (w + PAD), HEADER + len(prompts) * (h + PAD)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = _font(14)
+    total, done = len(columns) * len(prompts), 0
+    for c, (label, _) in enumerate(columns):
+        draw.text((LABEL_WIDTH + c * (w + PAD) + 4, 6), label, fill="black", font=font)
+    for r, prompt in enumerate(prompts):
+        y = HEADER + r * (h + PAD)
+        wrapped = "\n".join(textwrap.wrap(prompt, 26)[: max(1, h // 16)])
+        draw.multiline_text((4, y + 4), wrapped, fill="black", font=_font(12))
+        for c, (_, vectors) in enumerate(columns):
+            if stop is not None and stop.is_set():
+                raise TIError("Interrupted while rendering the comparison grid.")
+            image = settings.render(backend, prompt, trigger, vectors)
+            grid.paste(image.convert("RGB").resize((w, h)), (LABEL_WIDTH + c * (w + PAD), y))
+            done += 1
+            if progress:
+                progress(done, total)
+    return grid
+
+
+def save_grid(image: Image.Image, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        return ImageFont.load_default()

@@ -1,0 +1,47 @@
+"""Preview images: one fixed seed and fixed prompts, rendered with given vectors (never cached
+conditioning), during training and for the comparison grid."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from ..backends.protocol import Backend
+from .templates import PromptBuilder
+from .train_params import TrainParams
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    seed: int
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    negative_prompt: str = ""
+    sampler: str = ""  # empty = the model's default
+
+    @classmethod
+    def from_params(cls, params: TrainParams, size: tuple[int, int]) -> PreviewSettings:
+        """The run's preview settings; width/height 0 = `size` (the training size)."""
+        return cls(params.preview_seed, params.preview_steps, params.preview_cfg,
+                   params.preview_width or size[0], params.preview_height or size[1],
+                   params.preview_negative, params.preview_sampler)
+
+    def render(self, backend: Backend, prompt: str, trigger: str,
+               vectors: dict[str, torch.Tensor]) -> Image.Image:
+        with torch.no_grad():
+            return backend.preview(prompt, trigger, {k: v.detach().clone() for k, v in vectors.items()},
+                                   seed=self.seed, steps=self.steps, width=self.width, height=self.height,
+                                   cfg_scale=self.cfg_scale, negative_prompt=self.negative_prompt,
+                                   sampler=self.sampler)
+
+
+def preview_prompts(params: TrainParams, template_lines: list[str], name: str, caption: str) -> list[str]:
+    """One prompt per non-empty line of the preview prompt, else one built from the template and `caption`
+    (fixed by the seed; no tag shuffling or dropout, so every preview uses the same text)."""
+    lines = [line.strip() for line in params.preview_prompt.splitlines() if line.strip()]
+    return lines or [PromptBuilder(template_lines, name).render(caption, random.Random(params.seed))]
