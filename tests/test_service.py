@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+from _waiting import wait_for_job
 
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams
@@ -13,21 +14,11 @@ from textual_inversion_ext.jobs import BusyError, HostHooks, JobManager
 from textual_inversion_ext.service import Service
 
 
-def wait(service: Service, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = service.job_status(job_id)
-        if not status["active"]:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still running: {status}")
-
-
 def test_create_list_train_and_status(service, demo_data):
     service.create(CreateParams(name="toy", init_text="red robot"))
     assert [e["name"] for e in service.list_embeddings()] == ["toy"]
     job = service.start_training("toy", demo_data, TrainParams(max_steps=6, save_every=0, preview_every=0))
-    status = wait(service, job.id)
+    status = wait_for_job(service, job.id)
     assert status["status"] == "finished" and status["step"] == 6
     assert [s for s, _ in status["losses"]] == [1, 2, 3, 4, 5, 6]
     assert service.job_status(job.id, since_step=4)["losses"][0][0] == 5
@@ -46,7 +37,7 @@ def test_previews_are_published_while_training(service, demo_data):
     assert running["active"] and running["previews"][0].endswith("toy-2.png")
     assert running["message"] == "Training…"  # not the stale "Encoding N images" set-up line
     service.interrupt(job.id)
-    assert wait(service, job.id)["status"] == "interrupted"
+    assert wait_for_job(service, job.id)["status"] == "interrupted"
 
 
 def test_second_job_is_refused_and_interrupt_saves(service, demo_data):
@@ -59,7 +50,7 @@ def test_second_job_is_refused_and_interrupt_saves(service, demo_data):
     with pytest.raises(TIError, match="being trained"):
         service.create(CreateParams(name="toy", init_text="car", overwrite=True))
     service.interrupt()
-    status = wait(service, job.id)
+    status = wait_for_job(service, job.id)
     assert status["status"] == "interrupted"
     saved = formats.load_embedding(service.embedding_path("toy")).embedding
     assert saved.step == status["step"] > 0
@@ -88,7 +79,7 @@ def test_host_hooks_lock_progress_and_host_interrupt(tiny_backend, tmp_path, dem
     service = Service(lambda: tiny_backend, tmp_path / "e", tmp_path / "l", jobs=JobManager(hooks))
     service.create(CreateParams(name="toy", init_text="red robot"))
     job = service.start_training("toy", demo_data, TrainParams(max_steps=100000, save_every=0, preview_every=0))
-    status = wait(service, job.id)
+    status = wait_for_job(service, job.id)
     assert status["status"] == "interrupted"
     assert events == ["lock", "begin", "end", "unlock"]
 
@@ -98,7 +89,7 @@ def test_errors_become_job_status(service, demo_data, tmp_path):
     with pytest.raises(TIError, match="does not exist"):
         service.start_training("toy", tmp_path / "nowhere", TrainParams(max_steps=3))
     job = service.start_training("toy", demo_data, TrainParams(max_steps=3, learn_rate="0.1:fifty"))
-    status = wait(service, job.id)
+    status = wait_for_job(service, job.id)
     assert status["status"] == "error" and "fifty" in status["message"]
     with pytest.raises(TIError, match="No embedding"):
         service.embedding_path("missing")

@@ -1,5 +1,6 @@
 """`demo`: a sample dataset drawn with PIL, an embedding created from an init text, a short run on
-the embedded default model, and the artefacts a user looks at (embedding files, loss CSV, plot)."""
+the embedded default model, and the artefacts a user looks at (embedding files and their run record,
+loss CSV with the validation loss, plot, previews, comparison grid)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .core import formats, templates
+from .core import formats
 from .core.create import CreateParams, create_embedding
-from .core.evaluate import fixed_loss
 from .core.metrics import read_loss_csv
 from .core.run import RunRequest
 from .core.train_params import TrainParams
+from .core.trainer import sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def make_sample_dataset(folder: Path, *, size: int = 256, seed: int = 0) -> list
     return paths
 
 
-def plot_losses(csv_path: Path, out: Path, title: str) -> Path:
+def plot_losses(csv_path: Path, out: Path, title: str, validation: list[tuple[int, float]] = (),
+                best_step: int | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,10 +77,18 @@ def plot_losses(csv_path: Path, out: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, alpha=0.35, label="loss (per step)")
     ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    if validation:  # on its own axis: fixed noise makes it far smoother, and its level differs
+        val_ax = ax.twinx()
+        val_ax.plot([s for s, _ in validation], [v for _, v in validation], "o-", color="tab:red",
+                    label="validation loss")
+        if best_step is not None:
+            val_ax.axvline(best_step, color="tab:red", linestyle=":", label=f"best step {best_step}")
+        val_ax.set_ylabel("validation loss")
+        val_ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -96,27 +106,33 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dic
                                emb_dir)
     print(created.message)
     params = TrainParams(max_steps=steps, csv_every=1, save_every=max(1, steps // 3),
-                         preview_every=max(1, steps // 3), seed=seed)
+                         preview_every=max(1, steps // 3), val_every=max(1, steps // 12), seed=seed)
     request = RunRequest(created.path, data_dir, out / "logs", params)
     outcome = train_with_progress_bar(backend, request)
-    lines = templates.load_template(params.template)
-    start = fixed_loss(backend, outcome.data, DEMO_NAME, created.embedding.vectors, lines, seed=seed)
-    trained = formats.load_embedding(outcome.result.final_path).embedding
-    end = fixed_loss(backend, outcome.data, DEMO_NAME, trained.vectors, lines, seed=seed)
+    result = outcome.result
+    trained = formats.load_embedding(result.final_path).embedding
     st_path = formats.save_embedding(trained, emb_dir / f"{DEMO_NAME}.safetensors")[0]
-    plot = plot_losses(outcome.paths.loss_csv, out / "loss.png", f"{DEMO_NAME}: {outcome.result.step} steps")
+    plot = plot_losses(outcome.paths.loss_csv, out / "loss.png", f"{DEMO_NAME}: {result.step} steps",
+                       result.validation, result.best_step)
+    # The validation loss (training images, fixed noise and timesteps) at the start and at the end.
+    start, end = result.validation[0][1], result.validation[-1][1]
     summary = {
-        "embedding_pt": outcome.result.final_path,
+        "embedding_pt": result.final_path,
         "embedding_safetensors": st_path,
+        "run_record": sidecar_path(result.final_path),
         "loss_csv": outcome.paths.loss_csv,
         "loss_plot": plot,
+        "comparison_grid": outcome.grid,
         "log_folder": outcome.paths.log_dir,
+        "validation": result.validation,
+        "best_step": result.best_step,
         "fixed_loss_before": start,
         "fixed_loss_after": end,
     }
-    print(outcome.result.message)
-    print(f"Loss on the training images (fixed noise and timesteps): {start:.5f} before, {end:.5f} after "
-          f"({(end - start) / start:+.1%}).")
-    for key in ("embedding_pt", "embedding_safetensors", "loss_csv", "loss_plot", "log_folder"):
+    print(result.message)
+    print(f"Validation loss (training images, fixed noise and timesteps): {start:.5f} at the start, {end:.5f} at "
+          f"the end ({(end - start) / start:+.1%}); lowest at step {result.best_step}.")
+    for key in ("embedding_pt", "embedding_safetensors", "run_record", "loss_csv", "loss_plot", "comparison_grid",
+                "log_folder"):
         print(f"{key.replace('_', ' '):>22}: {summary[key]}")
     return summary

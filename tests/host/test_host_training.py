@@ -11,6 +11,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from textual_inversion_ext.core import formats
 
@@ -52,7 +53,7 @@ def debug_available(api) -> bool:
     return tiext(api, "GET", "/debug/model")[0] == 200
 
 
-FAST = {"resolution": 64, "save_every": 0, "preview_every": 0, "csv_every": 1}
+FAST = {"resolution": 64, "save_every": 0, "preview_every": 0, "csv_every": 1, "comparison_grid": False}
 
 
 def test_train_finishes_and_host_uses_the_embedding(host_api, host_dir, embedding, dataset):
@@ -158,10 +159,40 @@ def test_settings_change_what_training_does(host_api, host_dir, embedding, datas
         log_dir = Path(job["result"]["log_dir"])
         with open(log_dir / "textual_inversion_loss.csv") as f:
             assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4, 6, 8]  # training_write_csv_every
-        assert sorted(p.name for p in (log_dir / "embeddings").glob("*.pt")) == [
-            f"{embedding}-4.pt", f"{embedding}-8.pt"]  # tiext_save_every
+        snapshots = {p.name for p in (log_dir / "embeddings").glob("*.pt")}
+        assert {f"{embedding}-4.pt", f"{embedding}-8.pt"} <= snapshots  # tiext_save_every
+        assert snapshots <= {f"{embedding}-{step}.pt" for step in range(9)}  # + the start and the best step
         assert (host_dir / "embeddings" / f"{embedding}.pt.optim").is_file()  # save_optimizer_state
         record = json.loads((log_dir / "run.json").read_text())["params"]
         assert record["attention_optimizations"] is False and record["precision"] == "fp32"
     finally:
         _set_options(host_api, old)
+
+
+def test_validation_best_step_grid_and_promote_in_the_host(host_api, host_dir, embedding, dataset):
+    """Validation loss and best step in the real host, the comparison grid rendered by the host's sampler
+    after training, and promote: the host loads the promoted step at once."""
+    status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset), "max_steps": 8,
+                                                       **FAST, "save_every": 4, "val_every": 2,
+                                                       "comparison_grid": True, "preview_steps": 2,
+                                                       "preview_sampler": "Euler",
+                                                       "preview_prompt": f"a photo of {embedding}"})
+    assert status == 200, body
+    job = wait(host_api, body["job_id"])
+    assert job["status"] == "finished", job
+    assert [s for s, _ in job["validation"]] == [0, 2, 4, 6, 8]
+    result = job["result"]
+    assert result["best_step"] == min(job["validation"], key=lambda sv: sv[1])[0]
+    log_dir = Path(result["log_dir"])
+    with open(log_dir / "textual_inversion_loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [2, 4, 6, 8]
+    grid = Image.open(result["grid"])
+    assert grid.width > 3 * 64 and grid.height > 64  # start, step 4, step 8 (+ best) columns
+    assert json.loads((host_dir / "embeddings" / f"{embedding}.pt.json").read_text())["saved"]["step"] == 8
+    snaps = tiext(host_api, "GET", f"/snapshots?name={embedding}")[1]["snapshots"]
+    four = next(s for s in snaps if s["step"] == 4)
+    status, promoted = tiext(host_api, "POST", "/promote", {"name": embedding, "snapshot": four["path"]})
+    assert status == 200 and promoted["step"] == 4, promoted
+    loaded = host_api.call("GET", "/sdapi/v1/embeddings")["loaded"]
+    assert loaded[embedding]["step"] == 4  # the host reloaded its embeddings
