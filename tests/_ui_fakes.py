@@ -40,19 +40,29 @@ def hold_a_job(service: Service, name: str = "busy") -> threading.Event:
     return release
 
 
-class ScriptedService:
-    """`job_status` answers from a list of job dicts (as `Job.to_dict` makes them), honouring since_step."""
+SERIES = ("losses", "learn_rates", "validation", "norms")
 
-    def __init__(self, jobs: list[dict[str, Any]] | None = None) -> None:
+
+class ScriptedService:
+    """`job_status` answers from a list of job dicts (as `Job.to_dict` makes them), honouring since_step
+    like jobs._since; `snapshots(name)` from a dict of lists (as `Service.snapshots` makes them)."""
+
+    def __init__(self, jobs: list[dict[str, Any]] | None = None,
+                 snapshots: dict[str, list[dict[str, Any]]] | None = None) -> None:
         self.jobs = jobs or []
         self.calls: list[tuple[str | None, int]] = []
+        self.snapshot_lists = snapshots or {}
 
     def job_status(self, job_id: str | None = None, since_step: int = 0) -> dict[str, Any]:
         self.calls.append((job_id, since_step))
         if not self.jobs:
             return {"status": "idle", "active": False, "message": "No training has run yet."}
         job = next(j for j in self.jobs if j["id"] == job_id) if job_id else self.jobs[-1]
-        return {**job, "losses": [[s, v] for s, v in job["losses"] if s > since_step]}
+        return {**job, **{k: [[s, v] for s, v in job.get(k, []) if s > since_step or since_step == 0]
+                          for k in SERIES}}
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        return list(self.snapshot_lists.get(name, []))
 
 
 def job(job_id: str = "train-1", losses: list[tuple[int, float]] = (), **over: Any) -> dict[str, Any]:
@@ -60,6 +70,7 @@ def job(job_id: str = "train-1", losses: list[tuple[int, float]] = (), **over: A
     out = {"id": job_id, "kind": "train", "name": "toy", "status": "running", "active": True, "message": "",
            "step": last[0] if last else None, "end_step": 100, "loss": last[1] if last else None,
            "learn_rate": 0.005, "s_per_step": 0.5, "eta_s": 3725.0, "losses": [list(p) for p in losses],
-           "previews": [], "result": {}}
+           "previews": [], "result": {}, "learn_rates": [], "validation": [], "norms": [], "warnings": [],
+           "best_step": None}
     out.update(over)
     return out

@@ -13,11 +13,13 @@ import pytest
 from _ui_fakes import ScriptedService, hold_a_job, job, stub_service
 
 from textual_inversion_ext.core.create import CreateParams
+from textual_inversion_ext.core.errors import TIError
 from textual_inversion_ext.core.params import ParameterError, fields_of, param
 from textual_inversion_ext.core.train_params import TrainParams
 from textual_inversion_ext.ui import handlers, status
 from textual_inversion_ext.ui.controls import (
     MAX_SLIDER_POSITIONS,
+    MODEL_CHOICES,
     by_section,
     control_specs,
     params_from_values,
@@ -49,8 +51,22 @@ def test_every_train_field_gets_a_control_of_its_type():
         elif info.type in (int, float):
             assert spec.kind in expected[info.type]
             assert (spec.minimum, spec.maximum) == (info.spec.minimum, info.spec.maximum)
+        elif info.name in MODEL_CHOICES:  # choices from the loaded model, typed names allowed
+            assert (spec.kind, spec.custom, spec.choices) == ("dropdown", True, None)
         else:
             assert spec.kind == expected[info.type]
+
+
+def test_ui_hints_for_text_fields():
+    s = specs_by_name()
+    assert (s["preview_prompt"].kind, s["preview_prompt"].lines) == ("textbox", 3)  # one prompt per line
+    assert s["preview_negative"].lines == 2 and s["learn_rate"].lines == 1
+    assert s["preview_sampler"].kind == "dropdown" and s["preview_sampler"].custom
+    specs = control_specs(TrainParams, "p_")
+    values = values_of(TrainParams(preview_sampler="DDIM"), specs)
+    assert params_from_values(TrainParams, specs, values).preview_sampler == "DDIM"  # any name: the trainer checks
+    values[[x.name for x in specs].index("preview_sampler")] = None  # a cleared dropdown = the model's default
+    assert params_from_values(TrainParams, specs, values).preview_sampler == ""
 
 
 def test_control_choice_rules():
@@ -218,7 +234,7 @@ def test_poll_fetches_only_new_steps_and_reports_changes(tmp_path):
     third = status.poll(service, again.cache)
     assert [r[0] for r in third.chart if r[2] == status.RAW] == [1, 2, 3]
     # newest first; a file gone from disk (deleted log folder) is left out, else the Gallery raises
-    assert third.previews == [(str(three), "toy-3"), (str(two), "toy-2")]
+    assert third.previews == [(str(three), "step 3"), (str(two), "step 2")]
 
     service.jobs.append(job("train-2", losses=[(7, 0.9)], status="error", active=False, message="Boom."))
     fourth = status.poll(service, third.cache)  # a new job: the page starts its series over
@@ -237,6 +253,221 @@ def test_poll_idle_and_nan_and_thinning():
     assert len(raw) <= status.MAX_CHART_POINTS + 1 and raw[-1][0] == 5000
     assert all(math.isfinite(r[1]) for r in view.chart)
     assert 5 not in [s for s, _ in view.cache.raw]
+
+
+def test_poll_validation_lr_norm_series_best_step_and_warnings():
+    j = job(losses=[(1, 1.0), (2, 0.8)], learn_rates=[[1, 0.005], [2, 0.005]], validation=[[0, 0.9], [2, 0.7]],
+            norms=[[1, 1.1], [2, 1.3]], best_step=2)
+    service = ScriptedService([j])
+    view = status.poll(service, None)
+    assert [r[:2] for r in view.chart if r[2] == status.VAL] == [(0, 0.9), (2, 0.7)]  # step 0: starting vectors
+    best = [r for r in view.chart if r[2] == status.BEST]
+    assert [r[0] for r in best] == [2, 2] and best[0][1] == 0.7 and best[1][1] == 1.0  # a vertical line, full height
+    assert view.lr == [(1, 0.005, status.LR), (2, 0.005, status.LR)]
+    assert view.norms == [(1, 1.1, status.NORM), (2, 1.3, status.NORM)]
+    assert view.warnings == "" and view.result == "" and view.grid == ""  # a new running job clears the panel
+    assert view.status.startswith("toy: running · step 2/100 · loss 0.8000 · val 0.7000 (best step 2) · LR 0.005 · "
+                                  "norm 1.30× · 0.50 s/step")
+
+    again = status.poll(service, view.cache)  # nothing new: every part unchanged
+    assert (again.chart, again.lr, again.norms, again.warnings, again.result, again.snapshots) == (None,) * 6
+
+    j["losses"].append([3, 0.6])
+    j["learn_rates"].append([3, 0.004])
+    j["warnings"] = ["Validation loss rose 3 evaluations in a row while the training loss fell <overtraining>."]
+    third = status.poll(service, again.cache)
+    assert service.calls[-1] == (None, 2)  # only what came after step 2
+    assert [r[0] for r in third.chart if r[2] == status.RAW] == [1, 2, 3]
+    assert [r[:2] for r in third.chart if r[2] == status.VAL] == [(0, 0.9), (2, 0.7)]  # no duplicate points
+    assert third.lr[-1] == (3, 0.004, status.LR) and third.norms is None
+    assert third.warnings == ("<div class='tiext-note tiext-warn'>⚠ Validation loss rose 3 evaluations in a row "
+                              "while the training loss fell &lt;overtraining&gt;.</div>")
+    assert status.poll(service, third.cache).warnings is None  # shown once, not re-sent every poll
+
+
+def test_poll_at_the_end_rereads_the_series_and_shows_the_result(tmp_path):
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"png")
+    j = job(losses=[(1, 1.0), (2, 0.8)], validation=[[0, 0.9]], best_step=0)
+    snaps = [{"path": "/l/toy/r2/embeddings/toy-4.pt", "step": 4, "run": "20261126-101010", "val_loss": 0.5,
+              "best": True},
+             {"path": "/l/toy/r2/embeddings/toy-2.pt", "step": 2, "run": "20261126-101010", "val_loss": None,
+              "best": False}]
+    service = ScriptedService([j], snapshots={"toy": snaps})
+    view = status.poll(service, None)
+    assert view.snapshots is None and view.cache.active
+    # the worker recorded step 4 and the validation at step 2, which an incremental read could have missed
+    j.update(losses=[[1, 1.0], [2, 0.8], [3, 0.7], [4, 0.6]], validation=[[0, 0.9], [2, 0.55], [4, 0.5]],
+             status="finished", active=False, step=4, best_step=4, message="Finished at step 4. Best step by "
+             "validation loss: 4 (0.50000); its snapshot is /l/toy/r2/embeddings/toy-4.pt.",
+             result={"status": "finished", "message": "Finished at step 4. Best step by validation loss: 4 (0.50000)"
+                     "; its snapshot is /l/toy/r2/embeddings/toy-4.pt.", "best_step": 4, "best_val_loss": 0.5,
+                     "best_snapshot": "/l/toy/r2/embeddings/toy-4.pt", "grid": str(grid), "log_dir": "/l/toy/r2",
+                     "warnings": ["Vector norms reached 4.2× the vocabulary median."]})
+    end = status.poll(service, view.cache)
+    assert service.calls[-1] == ("train-1", 0)  # the whole series once more
+    assert [r[:2] for r in end.chart if r[2] == status.VAL] == [(0, 0.9), (2, 0.55), (4, 0.5)]
+    assert [r[0] for r in end.chart if r[2] == status.RAW] == [1, 2, 3, 4]
+    assert end.result.splitlines() == [
+        "Finished at step 4. Best step by validation loss: 4 (0.50000); its snapshot is /l/toy/r2/embeddings/toy-4.pt.",
+        "Best step: 4 (validation loss 0.50000)", "⚠ Vector norms reached 4.2× the vocabulary median.",
+        "Logs, snapshots and previews: /l/toy/r2"]
+    assert end.grid == str(grid)
+    assert end.snapshots == ["step 4 · val 0.5000 · best · run 20261126-101010", "step 2 · run 20261126-101010"]
+    assert end.cache.result["best_snapshot"].endswith("toy-4.pt")
+    later = status.poll(service, end.cache)
+    assert (later.result, later.grid, later.snapshots, later.chart) == (None, None, None, None)
+
+    # another page opening now sees the finished job at once, result included
+    fresh = status.poll(service, None)
+    assert fresh.result == end.result and fresh.grid == str(grid) and len(fresh.snapshots) == 2
+    grid.unlink()  # a deleted log folder: no image (gradio would raise on the missing file)
+    assert status.poll(service, None).grid == ""
+
+
+def test_poll_a_grid_job_keeps_the_charts_and_shows_the_grid(tmp_path):
+    grid = tmp_path / "toy-grid.png"
+    grid.write_bytes(b"png")
+    train = job(losses=[(1, 1.0)], status="finished", active=False, result={"message": "Finished at step 1."})
+    service = ScriptedService([train])
+    view = status.poll(service, None)
+    rendering = job("grid-2", kind="grid", status="running", message="Rendering snapshot 1/3…", step=None,
+                    loss=None, end_step=None, learn_rate=None, s_per_step=None, eta_s=None)
+    service.jobs.append(rendering)
+    during = status.poll(service, view.cache)
+    assert during.status == "grid toy: running\nRendering snapshot 1/3…"
+    assert during.chart is None and during.grid is None and during.cache.job == "train-1"  # the charts stay
+    rendering.update(status="finished", active=False, result={"grid": str(grid)}, message="Grid saved.")
+    done = status.poll(service, during.cache)
+    assert done.grid == str(grid) and done.chart is None
+    assert status.poll(service, done.cache).grid is None  # shown once
+
+
+@pytest.mark.parametrize(("path", "name", "caption"), [
+    ("/l/toy/images/toy-40.png", "toy", "step 40"),
+    ("/l/toy/images/toy-40-2.png", "toy", "step 40 · prompt 2"),
+    ("/l/x/images/tiext-ui-12345678-20.png", "tiext-ui-12345678", "step 20"),  # a name ending in digits
+    ("/l/x/images/tiext-ui-12345678-20-3.png", "tiext-ui-12345678", "step 20 · prompt 3"),
+    ("/l/x/images/other-20.png", "toy", "other-20"),
+    ("/l/x/images/toy-final.png", "toy", "toy-final"),
+])
+def test_preview_captions(path, name, caption):
+    assert status.preview_caption(path, name) == caption
+
+
+def test_snapshot_labels_and_the_default_choice():
+    snap = {"path": "/p/toy-400.pt", "step": 400, "run": "20261126-101010", "val_loss": 0.12344, "best": True}
+    assert status.snapshot_label(snap) == "step 400 · val 0.1234 · best · run 20261126-101010"
+    assert status.snapshot_label({**snap, "val_loss": None, "best": False}) == "step 400 · run 20261126-101010"
+
+    class Broken:
+        def snapshots(self, name):
+            raise OSError("gone")
+
+    assert status.snapshot_labels(Broken(), "toy") == [] and status.snapshot_labels(Broken(), None) == []
+
+
+def test_promote_handlers_messages(tmp_path):
+    snaps = [{"path": str(tmp_path / "toy-4.pt"), "step": 4, "run": "r1", "val_loss": 0.5, "best": True}]
+
+    class Promoting(ScriptedService):
+        def promote(self, name, snapshot):
+            if name == "busy":
+                raise TIError("'busy' is being trained; interrupt the training before promoting a snapshot.")
+            self.promoted.append((name, snapshot))
+            return {"message": f"'{name}' is now the step-4 snapshot (toy-4.pt); it is ready to use."}
+
+    service = Promoting(snapshots={"toy": snaps, "busy": snaps})
+    service.promoted = []
+    label = status.snapshot_label(snaps[0])
+    ok = handlers.promote_selected(service, "toy", label)
+    assert ok.ok and ok.message.startswith("'toy' is now the step-4 snapshot")
+    assert service.promoted == [("toy", str(tmp_path / "toy-4.pt"))]
+    assert handlers.promote_selected(service, "toy", None).message == "Choose a snapshot to promote."
+    gone = handlers.promote_selected(service, "toy", "step 9 · run r0")
+    assert not gone.ok and "refresh the list" in gone.message
+    assert not handlers.promote_selected(service, None, label).ok
+    busy = handlers.promote_selected(service, "busy", label)
+    assert not busy.ok and "is being trained" in busy.message
+
+    best = handlers.promote_best(service, {"best_snapshot": snaps[0]["path"]}, "toy")
+    assert best.ok and service.promoted[-1] == ("toy", snaps[0]["path"])
+    assert "No finished training" in handlers.promote_best(service, {}, "toy").message
+    none_kept = handlers.promote_best(service, {"message": "Finished.", "best_snapshot": None}, "toy")
+    assert not none_kept.ok and "Validate every" in none_kept.message
+
+
+def test_resume_and_grid_handlers(tmp_path):
+    snaps = [{"path": str(tmp_path / "toy-4.pt"), "step": 4, "run": "r1", "val_loss": None, "best": False}]
+    data = tmp_path / "data"
+    data.mkdir()
+
+    class Resuming(ScriptedService):
+        def start_training(self, name, data_dir, params, resume_from=None):
+            self.started.append((name, data_dir, params.max_steps, resume_from))
+            return type("Job", (), {"id": "train-9", "name": name})()
+
+        def check_dataset(self, *args, **kwargs):
+            return {"summary": "4 usable images"}
+
+        def embedding_path(self, name):
+            raise TIError("no file")
+
+        def start_grid(self, name, log_dir=None, prompts=""):
+            if name == "none":
+                raise TIError("'none' has no training runs under /logs.")
+            return type("Job", (), {"id": "grid-3", "name": name})()
+
+    service = Resuming(snapshots={"toy": snaps})
+    service.started = []
+    values = values_of(TrainParams(max_steps=8), TRAIN_SPECS)
+    out = handlers.resume_selected(service, "toy", str(data), TRAIN_SPECS, values, "", "step 4 · run r1")
+    assert out.ok and "Resuming from toy-4.pt." in out.message, out.message
+    assert service.started == [("toy", str(data), 8, str(tmp_path / "toy-4.pt"))]
+    missing = handlers.resume_selected(service, "toy", str(data), TRAIN_SPECS, values, "", None)
+    assert not missing.ok and "Choose a snapshot" in missing.message and len(service.started) == 1
+
+    grid = handlers.render_grid(service, "toy")
+    assert grid.ok and "(job grid-3)" in grid.message
+    assert handlers.render_grid(service, "none").message == "'none' has no training runs under /logs."
+
+
+def test_preset_round_trip_through_control_values(tmp_path):
+    service = stub_service(tmp_path)
+    custom = TrainParams(learn_rate="0.05:10, 0.01", max_steps=42, tag_dropout=0.25, precision="bf16",
+                         preview_prompt="a photo of toy\ntoy on a beach", preview_sampler="DDIM", val_every=5,
+                         early_stop=True, norm_cap=3.5)
+    # what gradio hands the handler: whole numbers as floats
+    floats = [float(v) if type(v) is int else v for v in values_of(custom, TRAIN_SPECS)]
+    saved = handlers.save_preset(service, " mine ", TRAIN_SPECS, floats, " /data/toy ", "blue bmw")
+    assert saved.ok and saved.message == "Saved preset 'mine'."
+    assert handlers.preset_names(service) == ["mine"]
+    loaded = handlers.load_preset(service, "mine", TRAIN_SPECS)
+    assert loaded.outcome.ok and (loaded.data_dir, loaded.subject) == ("/data/toy", "blue bmw")
+    assert params_from_values(TrainParams, TRAIN_SPECS, loaded.values) == custom
+    assert loaded.values == values_of(custom, TRAIN_SPECS)
+
+    assert handlers.save_preset(service, "", TRAIN_SPECS, floats).message == "Enter a preset name."
+    bad = list(floats)
+    bad[[s.name for s in TRAIN_SPECS].index("tag_dropout")] = 3
+    refused = handlers.save_preset(service, "bad", TRAIN_SPECS, bad)
+    assert not refused.ok and "Tag dropout" in refused.message
+    assert "use letters" in handlers.save_preset(service, "../x", TRAIN_SPECS, floats).message
+    missing = handlers.load_preset(service, "ghost", TRAIN_SPECS)
+    assert missing.values is None and "No preset named 'ghost'" in missing.outcome.message
+
+
+def test_sampler_choices(tmp_path):
+    class Host:
+        def backend(self):
+            return type("B", (), {"samplers": lambda self: ["Euler a", "DDIM"]})()
+
+    class NoModel:
+        def backend(self):
+            raise RuntimeError("no model loaded")
+
+    assert handlers.sampler_choices(Host(), host=True) == ["Euler a", "DDIM"]
+    assert handlers.sampler_choices(NoModel(), host=True) == []
 
 
 def test_format_duration():

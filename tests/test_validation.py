@@ -197,9 +197,9 @@ def test_previews_differ_between_steps_and_repeat_for_the_same_step(tiny_backend
     first = train(tiny_backend, demo_data, tmp_path / "a", p).result.previews
     again = train(tiny_backend, demo_data, tmp_path / "b", p).result.previews
     assert [x.name for x in first] == ["toy-2-1.png", "toy-2-2.png", "toy-4-1.png", "toy-4-2.png"]
-    pixels = [list(Image.open(x).getdata()) for x in first]
+    pixels = [Image.open(x).tobytes() for x in first]
     assert pixels[0] != pixels[2]  # step 2 vs step 4, same prompt and seed
-    assert [list(Image.open(x).getdata()) for x in again] == pixels  # same step, same seed: identical
+    assert [Image.open(x).tobytes() for x in again] == pixels  # same step, same seed: identical
 
 
 def test_unknown_preview_sampler_is_refused_before_training(tiny_backend, demo_data, tmp_path):
@@ -232,5 +232,5 @@ def test_comparison_grid_has_a_column_per_snapshot_and_a_row_per_prompt(tiny_bac
     assert image.size == (LABEL_WIDTH + columns * (64 + PAD), HEADER + 2 * (64 + PAD))
     cell = lambda c, r: image.crop((LABEL_WIDTH + c * (64 + PAD), HEADER + r * (64 + PAD),  # noqa: E731
                                     LABEL_WIDTH + c * (64 + PAD) + 64, HEADER + r * (64 + PAD) + 64))
-    assert list(cell(0, 0).getdata()) != list(cell(2, 0).getdata())
+    assert cell(0, 0).tobytes() != cell(2, 0).tobytes()
     assert json.loads(out.record_path.read_text())["grid"] == str(out.grid)

@@ -173,7 +173,7 @@ def test_validation_best_step_grid_and_promote_in_the_host(host_api, host_dir, e
     """Validation loss and best step in the real host, the comparison grid rendered by the host's sampler
     after training, and promote: the host loads the promoted step at once."""
     status, body = tiext(host_api, "POST", "/train", {"name": embedding, "data_dir": str(dataset), "max_steps": 8,
-                                                       **FAST, "save_every": 4, "val_every": 2,
+                                                       **FAST, "save_every": 4, "val_every": 2, "preview_every": 4,
                                                        "comparison_grid": True, "preview_steps": 2,
                                                        "preview_sampler": "Euler",
                                                        "preview_prompt": f"a photo of {embedding}"})
@@ -181,6 +181,8 @@ def test_validation_best_step_grid_and_promote_in_the_host(host_api, host_dir, e
     job = wait(host_api, body["job_id"])
     assert job["status"] == "finished", job
     assert [s for s, _ in job["validation"]] == [0, 2, 4, 6, 8]
+    # previews come from the host's own sampler, and keep its infotext
+    assert "Sampler: Euler," in Image.open(job["previews"][0]).info["parameters"]
     result = job["result"]
     assert result["best_step"] == min(job["validation"], key=lambda sv: sv[1])[0]
     log_dir = Path(result["log_dir"])

@@ -70,10 +70,16 @@ def test_sub_tabs_and_ids(blocks):
                    "tiext_create_name", "tiext_create_init_text", "tiext_create_num_vectors", "tiext_create_button",
                    "tiext_train_embedding", "tiext_train_refresh", "tiext_train_data_dir", "tiext_train_button",
                    "tiext_interrupt_button", "tiext_train_status", "tiext_train_loss_chart", "tiext_train_previews",
-                   "tiext_train_message"):
+                   "tiext_train_message", "tiext_train_lr_chart", "tiext_train_norm_chart", "tiext_train_warnings",
+                   "tiext_train_result", "tiext_promote_best", "tiext_render_grid", "tiext_snapshot",
+                   "tiext_promote_selected", "tiext_resume_selected", "tiext_train_grid", "tiext_preset",
+                   "tiext_preset_save", "tiext_preset_load", "tiext_copy_txt2img"):
         assert needed in ids, needed
-    assert isinstance(ids["tiext_train_loss_chart"], gr.LinePlot)
+    for chart in ("tiext_train_loss_chart", "tiext_train_lr_chart", "tiext_train_norm_chart"):
+        assert isinstance(ids[chart], gr.LinePlot)
     assert isinstance(ids["tiext_train_previews"], gr.Gallery)
+    assert isinstance(ids["tiext_train_grid"], gr.Image)
+    assert ids["tiext_preset"].allow_custom_value and ids["tiext_train_preview_sampler"].allow_custom_value
 
 
 def test_every_train_field_has_a_control_with_its_type_default_and_bounds(blocks):
@@ -89,7 +95,9 @@ def test_every_train_field_has_a_control_with_its_type_default_and_bounds(blocks
         if spec.kind == "slider":
             assert comp.step == spec.step, spec.name
         if spec.kind in ("radio", "dropdown"):
-            assert choice_values(comp) == list(spec.choices), spec.name
+            assert choice_values(comp) == list(spec.choices or ()), spec.name  # model choices: at page load
+        if spec.kind == "textbox":
+            assert comp.lines == spec.lines, spec.name
     non_main = {s.section for s in TRAIN_SPECS} - {"main"}
     accordions = {b.label for b in blocks.blocks.values()
                   if isinstance(b, gr.Accordion) and (b.elem_id or "").startswith("tiext_train_")}
@@ -133,13 +141,13 @@ def test_poll_outputs_are_accepted_by_the_components(tmp_path):
     blocks = build_tabs(service)
     ids = by_id(blocks)
     cache = status.LossCache()
-    text, frame, pictures, same, prep_status = poll_once(blocks, cache)
+    text, frame, pictures, same, prep_status, *_ = poll_once(blocks, cache)
     assert prep_status == "Training 'toy': running."  # the Preprocess tab says why it would be refused
     assert same is cache and [s for s, _ in cache.raw] == [1, 2, 3]  # updated in place (see LossCache)
     assert text.startswith("toy: running · step 3/100")
     assert list(frame.columns) == ["step", "loss", "series"] and len(frame) == 6
     assert ids["tiext_train_loss_chart"].postprocess(frame) is not None
-    assert pictures == [(str(picture), "toy-3")]
+    assert pictures == [(str(picture), "step 3")]
     assert ids["tiext_train_previews"].postprocess(pictures)
     unchanged = poll_once(blocks, cache)  # nothing new: gr.update() leaves chart and gallery alone
     assert unchanged[1] == compat.no_change() and unchanged[2] == compat.no_change()
@@ -193,3 +201,75 @@ def test_create_notes_and_the_effective_lr_note_are_wired(blocks, service):
     assert isinstance(lr, gr.HTML)
     assert "= 0.02." in outputs[(lr._id,)]("0.005", 2, 2, True)
     assert "tiext-warn" in outputs[(lr._id,)]("0.005:x", 2, 2, True)
+
+
+def test_new_series_results_and_grid_reach_the_components(tmp_path):
+    picture, grid = tmp_path / "toy-3-2.png", tmp_path / "toy-grid.png"
+    for path in (picture, grid):
+        Image.new("RGB", (16, 16), "red").save(path)
+    running = job(losses=[(1, 1.0), (2, 0.5), (3, 0.25)], previews=[str(picture)], learn_rates=[[1, 0.01], [3, 0.005]],
+                  validation=[[0, 0.9], [2, 0.4]], norms=[[1, 1.0], [3, 1.5]], best_step=2,
+                  warnings=["Vector norms reached 4.2× the vocabulary median."])
+    snaps = [{"path": "/l/toy-2.pt", "step": 2, "run": "r1", "val_loss": 0.4, "best": True}]
+    service = ScriptedService([running], snapshots={"toy": snaps})
+    blocks = build_tabs(service)
+    ids = by_id(blocks)
+    cache = status.LossCache()
+    out = poll_once(blocks, cache)
+    text, loss, pictures, _, _, lr, norms, warn, result, image, snapshot = out
+    assert "val 0.4000 (best step 2)" in text and "norm 1.50×" in text
+    assert set(loss["series"]) == {status.RAW, status.SMOOTH, status.VAL, status.BEST}
+    assert list(lr.columns) == ["step", "value", "series"] and list(lr["value"]) == [0.01, 0.005]
+    assert list(norms["value"]) == [1.0, 1.5]
+    for elem, value in (("tiext_train_loss_chart", loss), ("tiext_train_lr_chart", lr),
+                        ("tiext_train_norm_chart", norms)):
+        assert ids[elem].postprocess(value) is not None, elem
+    assert pictures == [(str(picture), "step 3 · prompt 2")]
+    assert "tiext-warn" in warn and "4.2×" in warn
+    assert (result, image, snapshot) == ("", None, compat.no_change())  # running: panel cleared, list unchanged
+
+    running.update(status="finished", active=False, result={"message": "Finished at step 3. Best step by "
+                   "validation loss: 2 (0.40000).", "best_step": 2, "best_val_loss": 0.4,
+                   "best_snapshot": "/l/toy-2.pt", "grid": str(grid)})
+    *_, result, image, snapshot = poll_once(blocks, cache)
+    assert result.startswith("Finished at step 3. Best step by validation loss: 2")
+    assert image == str(grid) and ids["tiext_train_grid"].postprocess(image) is not None
+    label = "step 2 · val 0.4000 · best · run r1"
+    assert snapshot == compat.update(choices=[label], value=label)
+
+
+def test_copy_from_txt2img_only_in_the_host_and_client_side(service):
+    from textual_inversion_ext.ui.blocks import COPY_FIELDS, build
+
+    for host in (False, True):
+        blocks = build(service, host=host)
+        ids = by_id(blocks)
+        assert ids["tiext_copy_txt2img"].visible is host
+        config = blocks.get_config_file()
+        button = ids["tiext_copy_txt2img"]._id
+        dep = next(d for d in config["dependencies"] if any(t[0] == button for t in d["targets"])
+                   ) if compat.GRADIO_MAJOR >= 4 else next(d for d in config["dependencies"] if button in d["targets"])
+        fields = [ids[f"tiext_train_{name}"]._id for name in COPY_FIELDS]
+        assert dep["inputs"] == fields and dep["outputs"] == fields
+        assert dep["backend_fn"] is False and "txt2img_prompt" in dep["js"] and "txt2img_sampling" in dep["js"]
+
+
+def test_preset_buttons_save_and_fill_every_train_control(service):
+    blocks = build_tabs(service)
+    ids = by_id(blocks)
+    by_outputs = {tuple(o._id for o in f.outputs): f.fn for f in fns(blocks)}
+    message, preset, data_dir, subject = (ids[i]._id for i in ("tiext_train_message", "tiext_preset",
+                                                                "tiext_train_data_dir", "tiext_train_subject"))
+    controls = tuple(ids[s.elem_id]._id for s in TRAIN_SPECS)
+    custom = TrainParams(max_steps=42, val_every=5, preview_prompt="a\nb", preview_sampler="DDIM", norm_cap=2.5)
+    values = [ids[s.elem_id].preprocess(getattr(custom, s.name)) if s.kind not in ("dropdown",) else
+              getattr(custom, s.name) for s in TRAIN_SPECS]
+    saved, names = by_outputs[(message, preset)]("toy preset", "/data/toy", "blue bmw", *values)
+    assert saved == "Saved preset 'toy preset'." and names == compat.update(choices=["toy preset"])
+    text, folder, words, *loaded = by_outputs[(message, data_dir, subject, *controls)]("toy preset")
+    assert (text, folder, words) == ("Loaded preset 'toy preset'.", "/data/toy", "blue bmw")
+    assert params_from_values(TrainParams, TRAIN_SPECS, loaded) == custom
+    for spec, value in zip(TRAIN_SPECS, loaded):  # each value is one its component accepts
+        ids[spec.elem_id].postprocess(value)
+    failed = by_outputs[(message, data_dir, subject, *controls)]("ghost")
+    assert "No preset named 'ghost'" in failed[0] and all(v == compat.no_change() for v in failed[1:])

@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw, ImageFont
 from ..backends.protocol import Backend
 from . import formats
 from .errors import TIError
-from .fileio import atomic_path
 from .previews import PreviewSettings
 
 logger = logging.getLogger(__name__)
@@ -78,12 +77,6 @@ def render_grid(backend: Backend, trigger: str, columns: Sequence[tuple[str, dic
             if progress:
                 progress(done, total)
     return grid
-
-
-def save_grid(image: Image.Image, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-    return path
 
 
 def _font(size: int) -> ImageFont.ImageFont:

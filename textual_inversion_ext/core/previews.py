@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ..backends.protocol import Backend
+from .fileio import atomic_path
 from .templates import PromptBuilder
 from .train_params import TrainParams
 
@@ -45,3 +47,13 @@ def preview_prompts(params: TrainParams, template_lines: list[str], name: str, c
     (fixed by the seed; no tag shuffling or dropout, so every preview uses the same text)."""
     lines = [line.strip() for line in params.preview_prompt.splitlines() if line.strip()]
     return lines or [PromptBuilder(template_lines, name).render(caption, random.Random(params.seed))]
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write atomically, keeping the generation parameters the host's sampler reported (its infotext)."""
+    info = PngImagePlugin.PngInfo()
+    if isinstance(image.info.get("parameters"), str):
+        info.add_text("parameters", image.info["parameters"])
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return path

@@ -21,7 +21,7 @@ from .dataset import TrainingSet, prepare
 from .errors import TIError
 from .fileio import atomic_write_text
 from .params import to_record, validate
-from .previews import PreviewSettings, preview_prompts
+from .previews import PreviewSettings, preview_prompts, save_png
 from .templates import load_template
 from .train_params import TrainParams
 from .trainer import ArtifactCallback, ProgressCallback, RunPaths, TrainResult, sidecar_path, train
@@ -175,7 +175,7 @@ def render_run_grid(backend: Backend, log_dir: Path, prompts: str = "", *, statu
     status(f"Rendering the comparison grid ({len(columns)} × {len(lines)})…")
     image = grid.render_grid(backend, name, columns, lines, settings, stop=stop,
                              progress=lambda done, total: status(f"Comparison grid: {done}/{total} images"))
-    return grid.save_grid(image, Path(log_dir) / f"{name}-comparison.png")
+    return save_png(image, Path(log_dir) / f"{name}-comparison.png")
 
 
 def _check_dims(have: dict[str, int], want: dict[str, int], path: Path) -> None:

@@ -26,10 +26,9 @@ from . import formats, health
 from .dataset import BatchOrder, TrainingSet, derive_seed
 from .embedding import Embedding
 from .errors import TrainingError
-from .fileio import atomic_path
 from .grid import snapshot_step
 from .metrics import LossCsv, Progress, StepTimer
-from .previews import PreviewSettings, preview_prompts
+from .previews import PreviewSettings, preview_prompts, save_png
 from .schedule import LRSchedule
 from .templates import PromptBuilder
 from .train_params import TrainParams
@@ -415,8 +414,7 @@ class _Run:
             image = self.preview_settings.render(self.backend, prompt, self.embedding.name, self.state.good)
             suffix = f"-{k + 1}" if len(self.previews) > 1 else ""
             path = self.paths.previews / f"{self.embedding.name}-{step}{suffix}.png"
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
+            save_png(image, path)
             self.result.previews.append(path)
             if self.on_artifact:
                 self.on_artifact("preview", path)

@@ -6,7 +6,8 @@ Written to the subset gradio 3.41 and 4.40 share; differences go through `compat
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,6 +24,36 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 1.5
 CREATE_PREFIX, TRAIN_PREFIX, PREPROCESS_PREFIX = "tiext_create_", "tiext_train_", "tiext_preprocess_"
 CHART_COLUMNS = ["step", "loss", "series"]
+HEALTH_COLUMNS = ["step", "value", "series"]  # the learning-rate and norm-ratio charts
+# The preview fields the host's "Copy from txt2img" fills, in the order COPY_TXT2IMG_JS returns them.
+COPY_FIELDS = ("preview_prompt", "preview_negative", "preview_sampler", "preview_steps", "preview_cfg",
+               "preview_seed", "preview_width", "preview_height")
+# Reads A1111's txt2img fields from the page (ids from its modules/ui.py, ui_toprow.py and the Seed script);
+# a field not found, or a random seed (-1), keeps the current value. Radio or dropdown sampler both work.
+COPY_TXT2IMG_JS = """(...current) => {
+    const app = typeof gradioApp === 'function' ? gradioApp() : document;
+    const q = (selector) => app.querySelector(selector);
+    const text = (id) => { const e = q(`#${id} textarea`); return e ? e.value : null; };
+    const number = (...ids) => {
+        for (const id of ids) {
+            const e = q(`#${id} input[type=number]`) || q(`#${id} input`);
+            const v = e ? parseFloat(e.value) : NaN;
+            if (Number.isFinite(v)) return v;
+        }
+        return null;
+    };
+    const sampler = () => {
+        const radio = q('#txt2img_sampling input:checked');
+        if (radio) return radio.value;
+        const box = q('#txt2img_sampling input');
+        return box && box.value ? box.value : null;
+    };
+    const seed = number('txt2img_seed', 'script_txt2img_seed_seed');
+    const found = [text('txt2img_prompt'), text('txt2img_neg_prompt'), sampler(), number('txt2img_steps'),
+                   number('txt2img_cfg_scale'), seed !== null && seed >= 0 ? seed : null,
+                   number('txt2img_width'), number('txt2img_height')];
+    return found.map((value, i) => value === null ? current[i] : value);
+}"""
 
 
 def build_control(spec: ControlSpec) -> Any:
@@ -33,7 +64,8 @@ def build_control(spec: ControlSpec) -> Any:
     if spec.kind == "radio":
         return gr.Radio(choices=list(spec.choices or ()), **common)
     if spec.kind == "dropdown":
-        return gr.Dropdown(choices=list(spec.choices or ()), **common)
+        custom = {"allow_custom_value": True} if spec.custom else {}
+        return gr.Dropdown(choices=list(spec.choices or ()), **custom, **common)
     if spec.kind == "slider":
         return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, **common)
     if spec.kind == "number":
@@ -41,35 +73,55 @@ def build_control(spec: ControlSpec) -> Any:
                   if v is not None}
         return gr.Number(precision=spec.precision, **bounds, **common)
     if spec.kind == "textbox":
-        return gr.Textbox(lines=1, **common)
+        return gr.Textbox(lines=spec.lines, **common)
     raise ValueError(f"no control for kind {spec.kind!r} ({spec.name})")
 
 
-def build_controls(specs: Sequence[ControlSpec], skip_main: bool = False) -> dict[str, Any]:
-    """Controls grouped by section: "main" inline, the others in closed accordions. Two per row."""
+def build_controls(specs: Sequence[ControlSpec], skip_main: bool = False,
+                   extras: dict[str, Callable[[], None]] | None = None) -> dict[str, Any]:
+    """Controls grouped by section: "main" inline, the others in closed accordions. Two per row.
+    `extras`: per section, a function adding more components at the section's top (e.g. a tool button)."""
     out: dict[str, Any] = {}
+    extras = extras or {}
     for section, group in by_section(specs).items():
         if section == MAIN and skip_main:
             continue
         if section == MAIN:
+            extras.get(section, lambda: None)()
             _rows(group, out)
         else:
             with gr.Accordion(section_title(section), open=False, elem_id=f"{group[0].elem_id}_section"):
+                extras.get(section, lambda: None)()
                 _rows(group, out)
     return out
 
 
 def _rows(specs: Sequence[ControlSpec], out: dict[str, Any]) -> None:
-    for i in range(0, len(specs), 2):
+    row: list[ControlSpec] = []
+    for spec in specs:
+        if spec.lines > 1:  # a multi-line box gets a row of its own
+            _row(row, out)
+            _row([spec], out)
+            row = []
+            continue
+        row.append(spec)
+        if len(row) == 2:
+            _row(row, out)
+            row = []
+    _row(row, out)
+
+
+def _row(specs: Sequence[ControlSpec], out: dict[str, Any]) -> None:
+    if specs:
         with gr.Row():
-            for spec in specs[i:i + 2]:
+            for spec in specs:
                 out[spec.name] = build_control(spec)
 
 
-def frame(rows: list[tuple[int, float, str]]) -> Any:
+def frame(rows: list[tuple[int, float, str]], columns: Sequence[str] = CHART_COLUMNS) -> Any:
     import pandas as pd  # a gradio dependency in both versions; imported only when a chart is drawn
 
-    return pd.DataFrame(rows, columns=CHART_COLUMNS)
+    return pd.DataFrame(rows, columns=list(columns))
 
 
 def _create_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
@@ -85,7 +137,7 @@ def _create_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
                            message=message)
 
 
-def _train_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
+def _train_tab(specs: Sequence[ControlSpec], host: bool = False) -> SimpleNamespace:
     ui = SimpleNamespace()
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -104,20 +156,61 @@ def _train_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
             ui.check_report = gr.Textbox(label="Dataset check", interactive=False, lines=4, max_lines=12,
                                          elem_id="tiext_check_report",
                                          info="Also run when training starts (its summary is in the message).")
-            ui.controls = build_controls(specs)
+
+            def copy_button() -> None:  # atop the Preview section; only the host has a txt2img tab
+                ui.copy_txt2img = gr.Button("Copy from txt2img", size="sm", visible=host, elem_id="tiext_copy_txt2img",
+                                            elem_classes=["tiext-tool"])
+
+            ui.controls = build_controls(specs, extras={"preview": copy_button})
             ui.lr_info = gr.HTML(elem_id="tiext_train_lr_info")  # the effective learning rate (_wire_train_lr)
+            with gr.Row(elem_id="tiext_preset_row"):
+                ui.preset = gr.Dropdown(label="Preset", choices=[], allow_custom_value=True, scale=4,
+                                        elem_id="tiext_preset",
+                                        info="Every Train field, the dataset folder and subject words; type a new "
+                                             "name to save one.")
+                ui.preset_save = gr.Button("Save preset", size="sm", scale=1, min_width=80,
+                                           elem_id="tiext_preset_save", elem_classes=["tiext-tool"])
+                ui.preset_load = gr.Button("Load preset", size="sm", scale=1, min_width=80,
+                                           elem_id="tiext_preset_load", elem_classes=["tiext-tool"])
             with gr.Row():
                 ui.train = gr.Button("Train embedding", variant="primary", elem_id="tiext_train_button")
                 ui.interrupt = gr.Button("Interrupt", elem_id="tiext_interrupt_button")
-        with gr.Column():
+        with gr.Column(elem_id="tiext_train_view"):
             ui.message = gr.Textbox(label="Message", interactive=False, lines=2, elem_id="tiext_train_message")
             ui.status = gr.Textbox(label="Status", interactive=False, lines=3, elem_id="tiext_train_status",
                                    elem_classes=["tiext-status"])
-            ui.chart = compat.line_plot(x="step", y="loss", color="series", title="Training loss", x_title="step",
-                                        y_title="loss", height=280, label="Loss",
+            ui.warnings = gr.HTML(elem_id="tiext_train_warnings")  # overtraining, inflated norms, NaN recoveries
+            # The titles say what each chart is (a label badge would sit on top of them).
+            ui.chart = compat.line_plot(x="step", y="loss", color="series", title="Loss", x_title="step",
+                                        y_title="loss", height=280, label="Loss", show_label=False,
                                         elem_id="tiext_train_loss_chart")
+            with gr.Row(equal_height=False):  # one series each: no legend, the title says what it is
+                ui.lr_chart = compat.line_plot(x="step", y="value", title="Learning rate", x_title="step",
+                                               y_title="LR", height=200, label="Learning rate", show_label=False,
+                                               elem_id="tiext_train_lr_chart")
+                ui.norm_chart = compat.line_plot(x="step", y="value", title="Vector norm ÷ vocab median",
+                                                 x_title="step", y_title="largest vector", height=200,
+                                                 label="Embedding health", show_label=False,
+                                                 elem_id="tiext_train_norm_chart")
             ui.gallery = gr.Gallery(label="Previews", columns=4, object_fit="contain", height="auto",
                                     elem_id="tiext_train_previews")
+            with gr.Accordion("Result: best step, snapshots, comparison grid", open=True,
+                              elem_id="tiext_result_section"):
+                ui.result = gr.Textbox(label="Result", interactive=False, lines=3, max_lines=12,
+                                       elem_id="tiext_train_result")
+                with gr.Row():
+                    ui.promote_best = gr.Button("Promote best step", elem_id="tiext_promote_best")
+                    ui.render_grid = gr.Button("Render comparison grid", elem_id="tiext_render_grid")
+                with gr.Row(elem_id="tiext_snapshot_row"):
+                    ui.snapshot = gr.Dropdown(label="Snapshot", choices=[], scale=4, elem_id="tiext_snapshot",
+                                              info="The embedding's snapshots, newest run first.")
+                    ui.snapshot_refresh = gr.Button("Refresh", size="sm", scale=1, min_width=80,
+                                                    elem_id="tiext_snapshot_refresh", elem_classes=["tiext-tool"])
+                with gr.Row():
+                    ui.promote = gr.Button("Promote selected", elem_id="tiext_promote_selected")
+                    ui.resume = gr.Button("Resume from selected", elem_id="tiext_resume_selected")
+                ui.grid = gr.Image(label="Comparison grid (snapshots × prompts, same seed)", type="filepath",
+                                   interactive=False, height=320, elem_id="tiext_train_grid")
             ui.cache = gr.State(status.LossCache())  # a fresh copy per page (gradio deep-copies)
     return ui
 
@@ -187,7 +280,14 @@ def _caption_editor() -> SimpleNamespace:
     return ui
 
 
-def build(service: Any) -> gr.Blocks:
+def running_in_host() -> bool:
+    """Built inside A1111 (its modules are imported by then), not by the standalone app."""
+    return "modules.script_callbacks" in sys.modules and "modules.shared" in sys.modules
+
+
+def build(service: Any, host: bool | None = None) -> gr.Blocks:
+    """The tabs over `service`; `host`: inside A1111 (txt2img exists: "Copy from txt2img"); None = detect."""
+    host = running_in_host() if host is None else host
     create_specs = control_specs(CreateParams, CREATE_PREFIX)
     train_specs = control_specs(TrainParams, TRAIN_PREFIX)
     prep_specs = control_specs(PreprocessParams, PREPROCESS_PREFIX)
@@ -199,15 +299,17 @@ def build(service: Any) -> gr.Blocks:
             with gr.Tab("Preprocess images", id="tiext_preprocess", elem_id="tiext_preprocess_tab"):
                 preprocess = _preprocess_tab(prep_specs)
             with gr.Tab("Train", id="tiext_train", elem_id="tiext_train_tab"):
-                train = _train_tab(train_specs)
-        _wire(blocks, service, create, create_specs, train, train_specs, preprocess)
+                train = _train_tab(train_specs, host)
+        _wire(blocks, service, create, create_specs, train, train_specs, preprocess, host)
+        _wire_results(service, train, train_specs)
         _wire_preprocess(service, preprocess, prep_specs, train)
         _wire_train_lr(blocks, train)
     return blocks
 
 
 def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequence[ControlSpec],
-          train: SimpleNamespace, train_specs: Sequence[ControlSpec], preprocess: SimpleNamespace) -> None:
+          train: SimpleNamespace, train_specs: Sequence[ControlSpec], preprocess: SimpleNamespace,
+          host: bool = False) -> None:
     name_box, init_box = create.controls["name"], create.controls["init_text"]
     # the notes under the Create fields read all four: name, init text, vectors, init mode
     note_inputs = [name_box, init_box, create.controls["num_vectors"], create.controls["init_mode"]]
@@ -218,7 +320,9 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
         # the preprocess size follows the model loaded now.
         size = prep.preprocess_defaults(service, [s for s in preprocess.specs if s.name in ("width", "height")])
         return (compat.update(choices=handlers.embedding_names(service)),
-                handlers.hints_html(handlers.init_note(*create_values)), *size)
+                handlers.hints_html(handlers.init_note(*create_values)), *size,
+                compat.update(choices=handlers.preset_names(service)),
+                compat.update(choices=handlers.sampler_choices(service, host)))
 
     def on_name(name: str, *rest: Any) -> tuple[str, str]:  # the init note too: the budget counts the name
         return (handlers.hints_html(handlers.name_note(service, name)),
@@ -246,13 +350,12 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
         except Exception as exc:  # gradio 3.41 ends a page's `every=` loop on the first error: keep it alive
             logger.exception("Training status poll failed")
             failed = f"Cannot read the job status: {exc}"
-            return failed, compat.no_change(), compat.no_change(), cache, failed
-        plot = compat.no_change() if view.chart is None else frame(view.chart)
-        pictures = compat.no_change() if view.previews is None else view.previews
-        return view.status, plot, pictures, view.cache, prep.preprocess_status(view.job)
+            return failed, compat.no_change(), compat.no_change(), cache, failed, *(compat.no_change(),) * 6
+        return poll_outputs(view)
 
-    blocks.load(on_load, inputs=note_inputs, outputs=[train.embedding, create.init_note, *size_boxes], queue=False,
-                **compat.internal())
+    blocks.load(on_load, inputs=note_inputs, outputs=[train.embedding, create.init_note, *size_boxes, train.preset,
+                                                      train.controls["preview_sampler"]],
+                queue=False, **compat.internal())
     name_box.change(on_name, inputs=note_inputs, outputs=[create.name_note, create.init_note], queue=False,
                     show_progress="hidden", **compat.internal())
     for box in note_inputs[1:]:
@@ -268,8 +371,81 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
                       inputs=[train.data_dir, train.subject, train.controls["resolution"]],
                       outputs=[train.check_report], api_name="tiext_check")
     compat.poll(blocks, on_poll, inputs=[train.cache],
-                outputs=[train.status, train.chart, train.gallery, train.cache, preprocess.status],
+                outputs=[train.status, train.chart, train.gallery, train.cache, preprocess.status, train.lr_chart,
+                         train.norm_chart, train.warnings, train.result, train.grid, train.snapshot],
                 seconds=POLL_SECONDS)
+    copy_targets = [train.controls[name] for name in COPY_FIELDS]
+    train.copy_txt2img.click(None, inputs=copy_targets, outputs=copy_targets, queue=False,
+                             **compat.js(COPY_TXT2IMG_JS), **compat.internal())
+
+
+def poll_outputs(view: status.View) -> tuple[Any, ...]:
+    """A poll's view as the polling event's outputs (see `_wire`), gr.update() for what did not change."""
+    def keep_or(value: Any, make: Callable[[Any], Any] = lambda v: v) -> Any:
+        return compat.no_change() if value is None else make(value)
+
+    snapshots = keep_or(view.snapshots, lambda labels: compat.update(choices=labels, value=default_snapshot(labels)))
+    return (view.status, keep_or(view.chart, frame), keep_or(view.previews), view.cache,
+            prep.preprocess_status(view.job), keep_or(view.lr, lambda rows: frame(rows, HEALTH_COLUMNS)),
+            keep_or(view.norms, lambda rows: frame(rows, HEALTH_COLUMNS)), keep_or(view.warnings),
+            keep_or(view.result), keep_or(view.grid, lambda path: path or None), snapshots)
+
+
+def default_snapshot(labels: Sequence[str]) -> str | None:
+    """The best snapshot of the newest run (labels come newest run first), else the newest one."""
+    return next((label for label in labels if " · best · " in label), labels[0] if labels else None)
+
+
+def _wire_results(service: Any, train: SimpleNamespace, train_specs: Sequence[ControlSpec]) -> None:
+    """The result panel (promote, resume, grid) and the preset row."""
+    controls = [train.controls[s.name] for s in train_specs]
+
+    def snapshots_of(name: str | None) -> Any:
+        labels = status.snapshot_labels(service, name)
+        return compat.update(choices=labels, value=default_snapshot(labels))
+
+    def on_promote_best(cache: Any, name: str | None) -> tuple[str, Any]:
+        result = cache.result if isinstance(cache, status.LossCache) else {}
+        job_name = cache.name if isinstance(cache, status.LossCache) else None
+        outcome = handlers.promote_best(service, result, job_name or name)
+        return outcome.message, snapshots_of(job_name or name)
+
+    def on_promote(name: str | None, label: str | None) -> str:
+        return handlers.promote_selected(service, name, label).message
+
+    def on_resume(name: str | None, folder: str | None, label: str | None, subject: str, *values: Any) -> str:
+        return handlers.resume_selected(service, name, folder, train_specs, values, subject, label).message
+
+    def on_grid(name: str | None, cache: Any) -> str:
+        job_name = cache.name if isinstance(cache, status.LossCache) and not name else name
+        return handlers.render_grid(service, job_name).message
+
+    def on_save(preset: str | None, folder: str | None, subject: str | None, *values: Any) -> tuple[str, Any]:
+        outcome = handlers.save_preset(service, preset, train_specs, values, folder, subject)
+        return outcome.message, compat.update(choices=handlers.preset_names(service))
+
+    def on_load_preset(preset: str | None) -> tuple[Any, ...]:
+        loaded = handlers.load_preset(service, preset, train_specs)
+        if loaded.values is None:
+            return (loaded.outcome.message, *(compat.no_change(),) * (len(controls) + 2))
+        keep = compat.no_change()
+        return (loaded.outcome.message, keep if loaded.data_dir is None else loaded.data_dir,
+                keep if loaded.subject is None else loaded.subject, *loaded.values)
+
+    quiet = {"queue": False, **compat.internal()}
+    train.embedding.change(snapshots_of, inputs=[train.embedding], outputs=[train.snapshot], show_progress="hidden",
+                           **quiet)
+    train.snapshot_refresh.click(snapshots_of, inputs=[train.embedding], outputs=[train.snapshot], **quiet)
+    train.promote_best.click(on_promote_best, inputs=[train.cache, train.embedding],
+                             outputs=[train.message, train.snapshot], **quiet)
+    train.promote.click(on_promote, inputs=[train.embedding, train.snapshot], outputs=[train.message], **quiet)
+    train.resume.click(on_resume, inputs=[train.embedding, train.data_dir, train.snapshot, train.subject, *controls],
+                       outputs=[train.message], **compat.internal())
+    train.render_grid.click(on_grid, inputs=[train.embedding, train.cache], outputs=[train.message], **quiet)
+    train.preset_save.click(on_save, inputs=[train.preset, train.data_dir, train.subject, *controls],
+                            outputs=[train.message, train.preset], **quiet)
+    train.preset_load.click(on_load_preset, inputs=[train.preset],
+                            outputs=[train.message, train.data_dir, train.subject, *controls], **quiet)
 
 
 def _wire_train_lr(blocks: Any, train: SimpleNamespace) -> None:

@@ -18,6 +18,10 @@ MAX_SLIDER_POSITIONS = 2048
 # Two or three choices fit as radio buttons; more go into a dropdown.
 MAX_RADIO_CHOICES = 3
 MAIN = "main"
+# UI-only hints for a few text fields (the declaration stays UI-agnostic): how many lines a box gets, and the
+# fields whose choices come from the loaded model at page load (a dropdown that also takes typed values).
+TEXT_LINES = {"preview_prompt": 3, "preview_negative": 2}
+MODEL_CHOICES = {"preview_sampler"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class ControlSpec:
     step: float | None = None
     choices: tuple[Any, ...] | None = None
     precision: int | None = None  # 0 for whole numbers (gr.Number)
+    lines: int = 1  # textbox lines
+    custom: bool = False  # dropdown: typed values allowed (its choices come from the model, at page load)
 
 
 def control_spec(info: FieldInfo, prefix: str) -> ControlSpec:
@@ -53,7 +59,9 @@ def control_spec(info: FieldInfo, prefix: str) -> ControlSpec:
             return ControlSpec(kind="slider", minimum=spec.minimum, maximum=spec.maximum, step=step, **common)
         return ControlSpec(kind="number", minimum=spec.minimum, maximum=spec.maximum, step=step,
                            precision=0 if whole else None, **common)
-    return ControlSpec(kind="textbox", **common)
+    if info.name in MODEL_CHOICES:
+        return ControlSpec(kind="dropdown", custom=True, **common)
+    return ControlSpec(kind="textbox", lines=TEXT_LINES.get(info.name, 1), **common)
 
 
 def _float_step(lo: float, hi: float) -> float:
@@ -92,6 +100,11 @@ def params_from_values(cls: type, specs: Sequence[ControlSpec], values: Sequence
 def values_of(obj: Any, specs: Sequence[ControlSpec]) -> list[Any]:
     """Inverse of `params_from_values`: the control values showing `obj`."""
     return [getattr(obj, spec.name) for spec in specs]
+
+
+def values_of_record(cls: type, specs: Sequence[ControlSpec], record: dict[str, Any]) -> list[Any]:
+    """The control values showing a parameters record (e.g. a loaded preset); validated, ParameterError if not."""
+    return values_of(from_record(cls, dict(record)), specs)
 
 
 def _field_type(cls: type, name: str) -> type:

@@ -11,6 +11,7 @@ import html
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..core import create_hints, formats
@@ -19,7 +20,7 @@ from ..core.create_hints import Hint
 from ..core.errors import TIError
 from ..core.templates import load_template
 from ..core.train_params import TrainParams
-from .controls import ControlSpec, params_from_values
+from .controls import ControlSpec, params_from_values, values_of_record
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ def create(service: Any, specs: Sequence[ControlSpec], values: Sequence[Any]) ->
 
 
 def start_training(service: Any, name: str | None, data_dir: str | None, specs: Sequence[ControlSpec],
-                   values: Sequence[Any], subject: str = "") -> Outcome:
-    """Start training; the dataset check's summary line comes first (`subject`: words captions should not name)."""
+                   values: Sequence[Any], subject: str = "", resume_from: str | None = None) -> Outcome:
+    """Start training; the dataset check's summary line comes first (`subject`: words captions should not name;
+    `resume_from`: a snapshot path to continue from)."""
     if not name:
         return Outcome("Choose an embedding to train (create one in the Create embedding tab).", False)
     if not data_dir or not str(data_dir).strip():
@@ -149,8 +151,11 @@ def start_training(service: Any, name: str | None, data_dir: str | None, specs: 
 
         params = params_from_values(TrainParams, specs, values)
         summary = check_summary(service, str(data_dir).strip(), subject or "", params.resolution)
-        job = service.start_training(name, str(data_dir).strip(), params)
+        resume = {"resume_from": resume_from} if resume_from else {}
+        job = service.start_training(name, str(data_dir).strip(), params, **resume)
         started = f"Started training '{job.name}' (job {job.id}); progress below. Closing the page does not stop it."
+        if resume_from:
+            started = f"Resuming from {Path(resume_from).name}. {started}"
         lines = [f"Dataset check: {summary}." if summary else None, budget_warning(service, name, data_dir, params)]
         return "\n".join([*(line for line in lines if line), started])
 
@@ -176,3 +181,132 @@ def interrupt(service: Any) -> Outcome:
     if error:
         return Outcome(error, False)
     return Outcome(status.get("message") or "Interrupt requested.", bool(status.get("active")))
+
+
+# ------------------------------------------------------------ after a run: snapshots, promote, resume, grid
+
+
+def snapshot_path(service: Any, name: str | None, label: str | None) -> str | None:
+    """The path of `name`'s snapshot shown as `label` in the dropdown (see status.snapshot_label), or None."""
+    from .status import snapshot_label
+
+    if not name or not label:
+        return None
+    return next((s["path"] for s in service.snapshots(name) if snapshot_label(s) == label), None)
+
+
+def promote(service: Any, name: str | None, snapshot: str | None) -> Outcome:
+    """Make `snapshot` (a path) the embedding `name`: the service's message, or why not."""
+    if not name:
+        return Outcome("Choose the embedding whose snapshot to promote.", False)
+    if not snapshot:
+        return Outcome("Choose a snapshot to promote.", False)
+    done, error = _run("Promote", service.promote, name, snapshot)
+    return Outcome(error or done["message"], error is None)
+
+
+def promote_best(service: Any, result: dict[str, Any] | None, name: str | None) -> Outcome:
+    """Promote the last run's best snapshot (`result` as the finished job reports it)."""
+    result = result or {}
+    best = result.get("best_snapshot")
+    if not best:
+        if not result:
+            return Outcome("No finished training yet: the best step is known once a run ends.", False)
+        return Outcome("The last run kept no best snapshot (it needs 'Validate every' > 0 and 'Keep best "
+                       "snapshot' on).", False)
+    return promote(service, name or Path(str(result.get("embedding") or "")).stem or None, best)
+
+
+def promote_selected(service: Any, name: str | None, label: str | None) -> Outcome:
+    if not name:
+        return Outcome("Choose the embedding whose snapshot to promote.", False)
+    path, error = _run("Promote", snapshot_path, service, name, label)
+    if error or path is None:
+        return Outcome(error or ("Choose a snapshot to promote." if not label else
+                                 f"No snapshot {label!r} of '{name}' any more; refresh the list."), False)
+    return promote(service, name, path)
+
+
+def resume_selected(service: Any, name: str | None, data_dir: str | None, specs: Sequence[ControlSpec],
+                    values: Sequence[Any], subject: str, label: str | None) -> Outcome:
+    """Start training from the chosen snapshot (its step and optimizer state) with the current Train fields."""
+    if not name:
+        return Outcome("Choose an embedding to train (create one in the Create embedding tab).", False)
+    path, error = _run("Resume", snapshot_path, service, name, label)
+    if error or path is None:
+        return Outcome(error or "Choose a snapshot to resume from (the list shows the embedding's snapshots).",
+                       False)
+    return start_training(service, name, data_dir, specs, values, subject=subject, resume_from=path)
+
+
+def render_grid(service: Any, name: str | None) -> Outcome:
+    if not name:
+        return Outcome("Choose the embedding whose last run to render.", False)
+    job, error = _run("Grid", service.start_grid, name)
+    if error:
+        return Outcome(error, False)
+    return Outcome(f"Rendering the comparison grid of '{name}' (job {job.id}); it appears here when done.", True)
+
+
+# ------------------------------------------------------------ presets
+
+
+def preset_names(service: Any) -> list[str]:
+    try:
+        return list(service.presets())
+    except Exception:
+        logger.exception("Cannot list presets")
+        return []
+
+
+def save_preset(service: Any, preset: str | None, specs: Sequence[ControlSpec], values: Sequence[Any],
+                data_dir: str | None = "", subject: str | None = "") -> Outcome:
+    """Save every Train field (+ dataset folder and subject words) under `preset`."""
+    if not preset or not str(preset).strip():
+        return Outcome("Enter a preset name.", False)
+
+    def go() -> str:
+        params = params_from_values(TrainParams, specs, values)
+        extra = {"data_dir": str(data_dir or "").strip(), "subject": str(subject or "")}
+        return service.save_preset(str(preset).strip(), params, extra)["message"]
+
+    message, error = _run("Save preset", go)
+    return Outcome(error or message, error is None)
+
+
+@dataclass
+class LoadedPreset:
+    outcome: Outcome
+    values: list[Any] | None = None  # the Train controls' values (specs order); None on failure
+    data_dir: str | None = None
+    subject: str | None = None
+
+
+def load_preset(service: Any, preset: str | None, specs: Sequence[ControlSpec]) -> LoadedPreset:
+    """A saved preset as control values (validated), with its dataset folder and subject words."""
+    if not preset or not str(preset).strip():
+        return LoadedPreset(Outcome("Choose a preset to load.", False))
+
+    def go() -> LoadedPreset:
+        loaded = service.load_preset(str(preset).strip())
+        extra = loaded.get("extra") or {}
+        values = values_of_record(TrainParams, specs, loaded["params"])
+        return LoadedPreset(Outcome(f"Loaded preset '{str(preset).strip()}'.", True), values,
+                            extra.get("data_dir"), extra.get("subject"))
+
+    loaded, error = _run("Load preset", go)
+    return LoadedPreset(Outcome(error, False)) if error else loaded
+
+
+def sampler_choices(service: Any, host: bool) -> list[str]:
+    """The preview sampler names: the host's txt2img samplers, or the standalone backend's (without loading a
+    model: standalone, `service.backend()` may load one). [] when they cannot be told (the box takes any name)."""
+    try:
+        if host:
+            return list(service.backend().samplers())
+        from ..backends.standalone.backend import SAMPLERS
+
+        return list(SAMPLERS)
+    except Exception as exc:
+        logger.info("No sampler list for the preview sampler box: %s", exc)
+        return []
