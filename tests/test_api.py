@@ -13,7 +13,7 @@ def call(service: Service, handler, body=None) -> tuple[int, dict]:
     return api.dispatch(handler, service, body)
 
 
-def wait(service: Service, job_id: str, timeout: float = 60) -> dict:
+def wait(service: Service, job_id: str, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         status, body = call(service, api.job, {"id": job_id})

@@ -30,7 +30,7 @@ def test_previews_are_published_while_training(service, demo_data):
     service.create(CreateParams(name="toy", init_text="red robot"))
     job = service.start_training("toy", demo_data, TrainParams(max_steps=100000, save_every=0, preview_every=2,
                                                                preview_steps=2))
-    deadline = time.time() + 60
+    deadline = time.time() + 300
     while not service.job_status(job.id)["previews"] and time.time() < deadline:
         time.sleep(0.02)
     running = service.job_status(job.id)

@@ -483,10 +483,11 @@ def test_handlers_drive_a_real_training(tiny_backend, tmp_path, demo_data):
     service = Service(lambda: tiny_backend, tmp_path / "embeddings", tmp_path / "logs")
     outcome, names = handlers.create(service, CREATE_SPECS, create_values("toy"))
     assert outcome.ok and names == ["toy"]
-    values = values_of(TrainParams(max_steps=5, save_every=0, preview_every=0, csv_every=1), TRAIN_SPECS)
+    values = values_of(TrainParams(max_steps=5, save_every=0, preview_every=0, csv_every=1, comparison_grid=False),
+                       TRAIN_SPECS)
     started = handlers.start_training(service, "toy", str(demo_data), TRAIN_SPECS, values)
     assert started.ok, started.message
-    cache, deadline = None, time.time() + 120
+    cache, deadline = None, time.time() + 600
     while time.time() < deadline:
         view = status.poll(service, cache)
         cache = view.cache

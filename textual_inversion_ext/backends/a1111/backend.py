@@ -180,7 +180,8 @@ class A1111Backend:
 
     def training_loss(self, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
                       timesteps: torch.Tensor) -> torch.Tensor:
-        self._loss_calls += 1
+        if torch.is_grad_enabled():  # training calls only: the validation loss runs under no_grad
+            self._loss_calls += 1
         if self.fail_after_losses is not None and self._loss_calls > self.fail_after_losses:
             self.fail_after_losses = None  # one injected failure per arming
             raise RuntimeError(f"injected failure (debug) at loss call {self._loss_calls}")
@@ -223,7 +224,7 @@ class A1111Backend:
         return list(sd_samplers.visible_sampler_names())
 
     def arm_failure(self, after: int) -> None:
-        """Debug: make the loss evaluation after the next `after` ones raise (tests of the error path)."""
+        """Debug: make the training-loss evaluation after the next `after` ones raise (tests of the error path)."""
         self._loss_calls = 0
         self.fail_after_losses = after
 
