@@ -107,6 +107,7 @@ class A1111Backend:
         self._replaced: tuple[str, Any] | None = None  # (name, DB entry we displaced) restored after a session
         self._vae_home: torch.device | None = None
         self.fail_after_losses: int | None = None  # debug: raise inside the loop after N loss calls
+        self._in_session = False  # inside training_session: our embedding stays registered until it ends
         self._loss_calls = 0
 
     # ----------------------------------------------------------------- text
@@ -200,8 +201,6 @@ class A1111Backend:
                 sampler: str = "") -> Image.Image:
         from modules import processing
 
-        if vectors:
-            self._register(trigger, self._check_vectors(vectors))
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.model, prompt=prompt, negative_prompt=negative_prompt, seed=int(seed),
             steps=int(steps), width=int(width), height=int(height), cfg_scale=float(cfg_scale),
@@ -211,8 +210,14 @@ class A1111Backend:
         # The host caches conds by prompt text, not by vectors: fresh caches so a preview never reuses one.
         p.cached_c = [None, None]
         p.cached_uc = [None, None]
-        with self._vae_on_device(), contextlib.closing(p):
-            processed = processing.process_images(p)
+        try:
+            if vectors:
+                self._register(trigger, self._check_vectors(vectors))
+            with self._vae_on_device(), contextlib.closing(p):
+                processed = processing.process_images(p)
+        finally:
+            if not self._in_session:  # e.g. the comparison grid after training: leave the host's DB as it was
+                self._unregister()
         if not processed.images:
             raise ModelError("The host returned no preview image (interrupted?).")
         return processed.images[0]
@@ -266,6 +271,8 @@ class A1111Backend:
         m = self.model
         with contextlib.ExitStack() as stack:
             stack.callback(self._unregister)
+            self._in_session = True
+            stack.callback(setattr, self, "_in_session", False)
             stack.enter_context(frozen(m.model, m.cond_stage_model, m.first_stage_model))
             stack.enter_context(ldm_checkpointing_off(m.model))
             if options.gradient_checkpointing and not sd_hijack_checkpoint.stored:
