@@ -175,6 +175,16 @@ def chart_image(page: Page) -> str | None:
                          CHART_CANVAS)
 
 
+def click_train(page: Page, jobs: list[str]) -> tuple[str, str]:
+    """Click "Train embedding"; (the start message, the job id), the job noted in `jobs` for clean-up."""
+    page.locator("#tiext_train_button").click()
+    started = wait_value(page, "tiext_train_message", r"\(job \S+\)|[Ee]rror|[Ff]ailed")
+    match = re.search(r"\(job (\S+)\)", started)
+    assert match, started
+    jobs.append(match.group(1))
+    return started, match.group(1)
+
+
 def status_step(page: Page) -> int:
     match = STEP.search(textarea(page, "tiext_train_status").input_value())
     return int(match.group(1)) if match else 0
@@ -211,14 +221,9 @@ def test_create_then_train_in_the_browser(page, host_api, dataset, shots, cleanu
     page.locator("#tiext_train_preview_every input").fill(str(PREVIEW_EVERY))
     open_accordion(page, "tiext_train_preview_prompt_section")  # "Preview"
     page.locator("#tiext_train_preview_steps input[type=number]").fill("4")
-    page.locator("#tiext_train_button").click()
-    started = wait_value(page, "tiext_train_message", r"\S")
-    match = re.search(r"\(job (\S+)\)", started)
+    started, job_id = click_train(page, cleanup["jobs"])
     # the dataset check's summary comes first, then the start
     assert started.startswith("Dataset check: 4 usable images") and f"Started training '{name}'" in started, started
-    assert match, started
-    job_id = match.group(1)
-    cleanup["jobs"].append(job_id)
 
     # The loss chart redraws while the run goes on: two polls, a later step, a different picture.
     page.wait_for_function("([prefix, sel]) => document.querySelector('#tiext_train_status textarea').value"

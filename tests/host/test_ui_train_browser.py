@@ -35,6 +35,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from .conftest import stop_job_and_remove_logs
 from .test_ui_browser import (
     TRAIN_TIMEOUT_MS,
+    click_train,
     open_accordion,
     open_extension,
     pick,
@@ -184,12 +185,7 @@ def test_live_run_charts_previews_result_and_host_sampler(page, host_api, datase
     page.wait_for_function("() => document.querySelector('#tiext_train_max_steps input').value === '60'")
     assert page.locator("#tiext_train_preview_sampler input").input_value() == SAMPLER
     assert textarea(page, "tiext_train_data_dir").input_value() == str(dataset)
-    page.locator("#tiext_train_button").click()
-    started = wait_value(page, "tiext_train_message", r"\(job \S+\)|[Ee]rror|[Ff]ailed")
-    match = re.search(r"\(job (\S+)\)", started)
-    assert match, started
-    job_id = match.group(1)
-    trained["jobs"].append(job_id)
+    _, job_id = click_train(page, trained["jobs"])
 
     # Live: the status line, the three charts' pictures and their data all move on while it runs.
     page.wait_for_function("([prefix, ids]) => { const t = document.querySelector('#tiext_train_status textarea');"
