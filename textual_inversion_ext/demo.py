@@ -104,7 +104,6 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dic
     emb_dir = out / "embeddings"
     created = create_embedding(backend, CreateParams(name=DEMO_NAME, init_text=DEMO_INIT, overwrite=True),
                                emb_dir)
-    print(created.message)
     params = TrainParams(max_steps=steps, csv_every=1, save_every=max(1, steps // 3),
                          preview_every=max(1, steps // 3), val_every=max(1, steps // 12), seed=seed)
     request = RunRequest(created.path, data_dir, out / "logs", params)
