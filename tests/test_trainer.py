@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _faults import FaultyBackend
 
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams, create_embedding
@@ -27,27 +28,6 @@ def params(**kw) -> TrainParams:
 
 def run(backend, emb: Path, data: Path, tmp: Path, p: TrainParams, **kw):
     return run_training(backend, RunRequest(emb, data, tmp / "logs", p), **kw)
-
-
-class FaultyBackend:
-    """The tiny backend, with a fault injected at a chosen training call."""
-
-    def __init__(self, inner, at_call: int, fault: str) -> None:
-        self._inner, self.at_call, self.fault, self.calls = inner, at_call, fault, 0
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def training_loss(self, *args):
-        loss = self._inner.training_loss(*args)
-        if not torch.is_grad_enabled():  # the validation loss: not a training call
-            return loss
-        self.calls += 1
-        if self.calls >= self.at_call:
-            if self.fault == "nan":
-                return loss * float("nan")
-            raise RuntimeError("injected failure")
-        return loss
 
 
 def test_training_changes_vectors_writes_csv_and_snapshots(tiny_backend, demo_data, tmp_path):
@@ -102,7 +82,7 @@ def test_interrupt_saves_the_step_reached(tiny_backend, demo_data, tmp_path):
 
 def test_nan_guard_keeps_last_good_vectors(tiny_backend, demo_data, tmp_path):
     emb = fresh_embedding(tiny_backend, tmp_path)
-    out = run(FaultyBackend(tiny_backend, at_call=7, fault="nan"), emb, demo_data, tmp_path, params())
+    out = run(FaultyBackend(tiny_backend, bad_calls=range(7, 10**6), fault="nan"), emb, demo_data, tmp_path, params())
     saved = formats.load_embedding(emb).embedding
     assert out.result.status == "nan" and "step 7" in out.result.message
     assert saved.step == 6 and torch.isfinite(saved.single()).all()
@@ -112,7 +92,7 @@ def test_nan_guard_keeps_last_good_vectors(tiny_backend, demo_data, tmp_path):
 def test_error_inside_the_loop_saves_then_reports(tiny_backend, demo_data, tmp_path):
     emb = fresh_embedding(tiny_backend, tmp_path)
     with pytest.raises(TrainingError, match="injected failure") as info:
-        run(FaultyBackend(tiny_backend, at_call=4, fault="raise"), emb, demo_data, tmp_path, params())
+        run(FaultyBackend(tiny_backend, bad_calls=range(4, 10**6), fault="raise"), emb, demo_data, tmp_path, params())
     assert str(emb) in str(info.value)
     assert formats.load_embedding(emb).embedding.step == 3
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _faults import FaultyBackend
 from _linear_backend import LinearBackend
 from PIL import Image, ImageDraw
 
@@ -35,23 +36,6 @@ def params(**kw) -> TrainParams:
 def train(backend, data, tmp, p, emb=None, **kw):
     emb = emb or fresh(backend, tmp / "emb")
     return run_training(backend, RunRequest(emb, data, tmp / "logs", p, **kw))
-
-
-class TransientNaN:
-    """The tiny backend whose training loss is NaN at the given training calls only."""
-
-    def __init__(self, inner, bad_calls):
-        self._inner, self.bad, self.calls = inner, set(bad_calls), 0
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def training_loss(self, *args):
-        loss = self._inner.training_loss(*args)
-        if not torch.is_grad_enabled():
-            return loss
-        self.calls += 1
-        return loss * float("nan") if self.calls in self.bad else loss
 
 
 # ----------------------------------------------------------------- pure logic
@@ -173,7 +157,7 @@ def test_norm_warning_and_cap(tiny_backend, demo_data, tmp_path):
 
 
 def test_transient_nan_rolls_back_halves_lr_and_finishes(tiny_backend, demo_data, tmp_path):
-    flaky = TransientNaN(tiny_backend, bad_calls={7})
+    flaky = FaultyBackend(tiny_backend, bad_calls={7})
     out = train(flaky, demo_data, tmp_path, params(val_every=0))
     r = out.result
     assert r.status == "finished" and r.step == 12 and len(r.recoveries) == 1
@@ -185,7 +169,7 @@ def test_transient_nan_rolls_back_halves_lr_and_finishes(tiny_backend, demo_data
 
 
 def test_recoveries_are_limited(tiny_backend, demo_data, tmp_path):
-    always = TransientNaN(tiny_backend, bad_calls=range(5, 1000))
+    always = FaultyBackend(tiny_backend, bad_calls=range(5, 1000))
     out = train(always, demo_data, tmp_path, params(val_every=0, nan_retries=2))
     assert out.result.status == "nan" and len(out.result.recoveries) == 2
     assert formats.load_embedding(out.result.final_path).embedding.step == 4

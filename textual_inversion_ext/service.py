@@ -160,7 +160,7 @@ class Service:
 
     def _own_snapshot(self, name: str, snapshot: str | Path) -> Path:
         path = check_inside(Path(snapshot), self.log_root)
-        if grid.snapshot_step(path) is None or path.stem.rsplit("-", 1)[0] != name:
+        if not grid.is_snapshot_of(path, name):
             raise TIError(f"{Path(snapshot).name} is not a snapshot of '{name}' (expected {name}-<step>.pt).")
         return path
 

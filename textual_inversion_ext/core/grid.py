@@ -28,10 +28,14 @@ def snapshot_step(path: Path) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
+def is_snapshot_of(path: Path, name: str) -> bool:
+    """`path` is named `<name>-<step>.pt`."""
+    return snapshot_step(path) is not None and path.stem.rsplit("-", 1)[0] == name
+
+
 def snapshot_files(folder: Path, name: str) -> list[Path]:
     """A run's snapshots of `name`, by step."""
-    found = [p for p in Path(folder).glob(f"{name}-*.pt") if snapshot_step(p) is not None
-             and p.stem.rsplit("-", 1)[0] == name]
+    found = [p for p in Path(folder).glob(f"{name}-*.pt") if is_snapshot_of(p, name)]
     return sorted(found, key=lambda p: snapshot_step(p) or 0)
 
 

@@ -126,17 +126,22 @@ def run_training(
         atomic_write_text(sidecar_path(path), json.dumps({**record, "saved": {"file": path.name, **facts}}, indent=2))
 
     started = time.perf_counter()
+
+    def timing() -> None:
+        elapsed = time.perf_counter() - started
+        done = embedding.step - record["embedding"]["start_step"]
+        record.update(seconds=round(elapsed, 2), final_step=embedding.step,
+                      s_per_step=round(elapsed / done, 4) if done else None)
+
     try:
         result = train(backend, embedding, data, params, paths, template_lines=template_lines,
                        progress=progress, stop=stop, optimizer_state=optimizer_state, on_artifact=on_artifact,
                        on_saved=write_sidecar, validation_data=held_out)
-    finally:
-        elapsed = time.perf_counter() - started
-        record["seconds"] = round(elapsed, 2)
-        record["final_step"] = embedding.step
-        done = embedding.step - record["embedding"]["start_step"]
-        record["s_per_step"] = round(elapsed / done, 4) if done else None
+    except BaseException:
+        timing()  # the record still says how far the run got
         atomic_write_text(record_path, json.dumps(record, indent=2))
+        raise
+    timing()
     record.update(status=result.status, message=result.message, final=str(result.final_path),
                   best_step=result.best_step, best_val_loss=result.best_loss,
                   best_snapshot=str(result.best_path) if result.best_path else None,

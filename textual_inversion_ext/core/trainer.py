@@ -364,8 +364,11 @@ class _Run:
                 self._keep_best(step)
         return val
 
+    def _snapshot_path(self, step: int) -> Path:
+        return self.paths.snapshots / f"{self.embedding.name}-{step}.pt"
+
     def _keep_best(self, step: int) -> None:
-        path = self.paths.snapshots / f"{self.embedding.name}-{step}.pt"
+        path = self._snapshot_path(step)
         kept_anyway = path in self.saved
         previous = self.best_only
         self.result.best_path = self._snapshot(step)
@@ -376,7 +379,7 @@ class _Run:
 
     def _snapshot(self, step: int) -> Path:
         """Save the current (good) vectors as `<name>-<step>.pt` once; returns its path."""
-        path = self.paths.snapshots / f"{self.embedding.name}-{step}.pt"
+        path = self._snapshot_path(step)
         if path not in self.saved:
             self._save(path)
             self.saved.add(path)
