@@ -70,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="rebuild the model and do not store it")
     # One thread by default: the numbers depend on the thread count (reduction order), and on a busy
     # 2-core machine two threads ran 4-7x slower than one.
-    parser.add_argument("--word-init-std", type=float, default=0.0,
-                        help="pretraining experiment: distinct starting rows for the world's words (0 = off)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -82,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     world_config = world.WorldConfig()
-    wm = pretrain.world_model(world_config, seed=args.seed, cache_root=args.cache, use_cache=not args.no_cache,
-                              pretrain=pretrain.PretrainConfig(word_init_std=args.word_init_std))
+    wm = pretrain.world_model(world_config, seed=args.seed, cache_root=args.cache, use_cache=not args.no_cache)
     timings = {"model_" + k: v for k, v in wm.timings.items()} if wm.built else {}
     timings["load_or_build_s"] = time.perf_counter() - started
 

@@ -41,7 +41,8 @@ def test_embedding_beats_init_text(tmp_path):
         world_config = world.WorldConfig()
         wm = pretrain.world_model(
             world_config, seed=0, use_cache=False, model=_reduced_model_dict(),
-            pretrain=pretrain.PretrainConfig(vae_steps=200, vae_batch=16, pool=1000, unet_steps=400, unet_batch=32),
+            pretrain=pretrain.PretrainConfig(vae_steps=200, vae_batch=16, pool=1000, text_steps=200, text_batch=32,
+                                             unet_steps=600, unet_batch=32),
             classifier_config=clf.ClassifierConfig(pool=1000, steps=120),
         )
         config = task.TaskConfig(max_steps=150, save_every=150, images_per_prompt=24, sample_steps=10)

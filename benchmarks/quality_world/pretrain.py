@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from textual_inversion_ext.backends.protocol import ModelInfo
@@ -30,7 +31,7 @@ from . import world
 
 logger = logging.getLogger(__name__)
 
-CODE_VERSION = 3  # bump when a change here alters the weights a config produces
+CODE_VERSION = 4  # bump when a change here alters the weights a config produces
 
 # The tiny config's SD1 noise schedule with v-prediction (SD2-v's objective, same architecture): with
 # epsilon prediction a few CPU-minutes of training left the background, decided at the noisiest
@@ -100,20 +101,20 @@ class PretrainConfig:
     vae_crop: int = 32  # convolutions do not care about size: crops give 4x the samples per second
     vae_lr: float = 1e-3
     pool: int = 3000  # renders of seen combinations, encoded to latents once
-    unet_steps: int = 1600
+    unet_steps: int = 2000
     unet_batch: int = 32  # more, smaller updates in the same CPU time as 900 x 64
     unet_lr: float = 2e-3
     warmup: int = 50
     high_noise_from: float = 0.4
-    # > 0: start the world's words (attributes, 'background', 'shape') from distinct random rows of
-    # this std and positions at half of it, instead of transformers' std 0.02 (experiment, see README).
-    word_init_std: float = 0.0
+    # The text encoder is pretrained on its own (reading captions' attributes back) and then frozen,
+    # as SD's CLIP is: trained jointly from scratch with the UNet, the object words never became
+    # distinct (benchmarks/README.md).
+    text_steps: int = 600
+    text_batch: int = 64
+    text_lr: float = 3e-3
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        if not data["word_init_std"]:
-            del data["word_init_std"]  # off: the same cache key as before the option existed
-        return data
+        return asdict(self)
 
 
 @dataclass
@@ -191,29 +192,26 @@ def train_vae(backend: StandaloneBackend, config: PretrainConfig, seed: int) -> 
 
 def train_denoiser(backend: StandaloneBackend, world_config: world.WorldConfig, config: PretrainConfig,
                    seed: int) -> float:
-    """UNet + text encoder (token embeddings included) on seen combinations; returns the last loss."""
+    """The UNet on seen combinations, conditioned by the frozen text encoder; returns the last loss."""
     rng, gen = random.Random(seed + 1), torch.Generator().manual_seed(seed + 1)
     specs = world.sample_specs(world.seen_specs(world_config), config.pool, rng)
     images = world.to_tensor([world.render(s, rng) for s in specs])
     with torch.no_grad():
         latents = torch.cat([backend.encode_images(images[i : i + 200]).mean for i in range(0, len(images), 200)])
     template_lines = load_template("subject_filewords")
-    if config.word_init_std > 0:
-        _spread_words(backend, config.word_init_std, seed)
-    modules = (backend.unet, backend.text_encoder)
-    params = [p for m in modules for p in m.parameters()]
-    for p in params:
+    unet = backend.unet
+    for p in unet.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.0)
-    for m in modules:
-        m.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
+    unet.train()
     avg = None
     for step in range(config.unet_steps):
         for group in opt.param_groups:
             group["lr"] = config.unet_lr * _cosine(step, config.unet_steps, config.warmup)
         pick = torch.randint(0, len(specs), (config.unet_batch,), generator=gen)
-        prompts = [world.training_prompt(specs[i], rng, template_lines) for i in pick.tolist()]
-        cond = backend.encode_text(prompts, "", {})
+        prompts = [world.training_caption(specs[i], rng, template_lines).text for i in pick.tolist()]
+        with torch.no_grad():
+            cond = backend.encode_text(prompts, "", {})
         noise = torch.randn(latents[pick].shape, generator=gen)
         # Half the batch at high noise: that is where the prompt decides shape, colour and background,
         # and where a uniform draw gives the conditioning too little gradient to learn in minutes.
@@ -228,25 +226,50 @@ def train_denoiser(backend: StandaloneBackend, world_config: world.WorldConfig, 
         avg = float(loss.detach()) if avg is None else 0.98 * avg + 0.02 * float(loss.detach())
         if step % 100 == 0:
             logger.info("UNet step %d loss %.4f (avg %.4f)", step, float(loss.detach()), avg)
-    for m in modules:
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
+    unet.eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
     return float(avg or 0.0)
 
 
-def _spread_words(backend: StandaloneBackend, std: float, seed: int) -> None:
-    from textual_inversion_ext.core.tokens import token_ids
-
-    words = [*world.SHAPES, *world.COLOURS, *world.TEXTURES, *world.BACKGROUNDS, "shape", "background"]
-    ids = sorted({i for word in words for i in token_ids(word)})
-    gen = torch.Generator().manual_seed(seed + 5)
-    embeddings = getattr(backend.text_encoder, "text_model", backend.text_encoder).embeddings
+def train_text_encoder(backend: StandaloneBackend, world_config: world.WorldConfig, config: PretrainConfig,
+                       seed: int) -> float:
+    """The text encoder learns to name what a caption names: one linear head per attribute (its
+    values plus 'not named') on the mean of the last hidden states, the states the UNet's
+    cross-attention reads. Captions of the seen combinations only; returns the last loss."""
+    rng = random.Random(seed + 2)
+    specs = world.seen_specs(world_config)
+    template_lines = load_template("subject_filewords")
+    encoder = backend.text_encoder
+    width = backend.embedding_dim
+    heads = torch.nn.ModuleList(torch.nn.Linear(width, len(world.choices(a)) + 1) for a in world.ATTRIBUTES)
+    heads_init = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():
-        table = embeddings.token_embedding.weight
-        table[ids] = torch.randn((len(ids), table.shape[1]), generator=gen) * std
-        pos = embeddings.position_embedding.weight
-        pos.copy_(torch.randn(pos.shape, generator=gen) * std / 2)
+        for head in heads:
+            head.weight.copy_(torch.randn(head.weight.shape, generator=heads_init) / width**0.5)
+            head.bias.zero_()
+    params = [*encoder.parameters(), *heads.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.text_lr, weight_decay=0.0)
+    encoder.train()
+    loss = torch.tensor(0.0)
+    for step in range(config.text_steps):
+        for group in opt.param_groups:
+            group["lr"] = config.text_lr * _cosine(step, config.text_steps, 20)
+        captions = [world.training_caption(rng.choice(specs), rng, template_lines) for _ in range(config.text_batch)]
+        targets = world.caption_targets(captions)
+        pooled = backend.encode_text([c.text for c in captions], "", {}).mean(dim=1)
+        loss = sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(heads))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            logger.info("text encoder step %d loss %.4f", step, float(loss.detach()))
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return float(loss.detach())
 
 
 def _save(folder: Path, backend: StandaloneBackend, classifier: clf.AttributeClassifier, meta: dict) -> None:
@@ -295,10 +318,13 @@ def world_model(world_config: world.WorldConfig, *, seed: int = 0, cache_root: P
     vae_mse = train_vae(backend, pretrain, seed)
     timings["vae_s"] = time.perf_counter() - started
     started = time.perf_counter()
+    text_loss = train_text_encoder(backend, world_config, pretrain, seed)
+    timings["text_encoder_s"] = time.perf_counter() - started
+    started = time.perf_counter()
     unet_loss = train_denoiser(backend, world_config, pretrain, seed)
     timings["unet_s"] = time.perf_counter() - started
     meta = {"key": key, "scaling_factor": float(backend.vae.config.scaling_factor), "vae_mse": vae_mse,
-            "unet_loss": unet_loss, "timings": timings, "seed": seed}
+            "text_loss": text_loss, "unet_loss": unet_loss, "timings": timings, "seed": seed}
     if use_cache:
         # Atomic: build in a temp folder beside the target, then rename; a concurrent builder's copy wins.
         root.mkdir(parents=True, exist_ok=True)
