@@ -157,6 +157,12 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_vae(backend: StandaloneBackend, config: PretrainConfig, seed: int) -> float:
     """Deterministic autoencoder on every valid combination (a VAE knows no words); returns the final
     reconstruction MSE. The posterior log-variance stays at build_random's low constant."""
@@ -177,9 +183,7 @@ def train_vae(backend: StandaloneBackend, config: PretrainConfig, seed: int) -> 
         rec = vae.decode(z).sample
         # A small pull on the latents keeps them near the unit scale the UNet's noise assumes.
         loss = (rec - x).pow(2).mean() + 1e-4 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
         if step % 100 == 0:
             logger.info("VAE step %d loss %.4f", step, float(loss.detach()))
     vae.eval()
@@ -220,9 +224,7 @@ def train_denoiser(backend: StandaloneBackend, world_config: world.WorldConfig, 
         high = torch.randint(int(n_t * config.high_noise_from), n_t, (config.unet_batch,), generator=gen)
         t = torch.where(torch.arange(config.unet_batch) % 2 == 0, t, high)
         loss = backend.training_loss(latents[pick], cond, noise, t).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
         avg = float(loss.detach()) if avg is None else 0.98 * avg + 0.02 * float(loss.detach())
         if step % 100 == 0:
             logger.info("UNet step %d loss %.4f (avg %.4f)", step, float(loss.detach()), avg)
@@ -261,9 +263,7 @@ def train_text_encoder(backend: StandaloneBackend, world_config: world.WorldConf
         targets = world.caption_targets(captions)
         pooled = backend.encode_text([c.text for c in captions], "", {}).mean(dim=1)
         loss = sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(heads))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
         if step % 100 == 0:
             logger.info("text encoder step %d loss %.4f", step, float(loss.detach()))
     encoder.eval()

@@ -49,6 +49,8 @@ class Row:
     val_loss: float | None
     fidelity: float
     editability: float
+    # Share of the fidelity images with each concept attribute right on its own (what is missing).
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,10 +78,11 @@ def write_dataset(folder: Path, world_config: world.WorldConfig, seed: int) -> l
 
 def score(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_config: world.WorldConfig,
           config: TaskConfig, trigger: str, vectors: dict[str, torch.Tensor], subject: str | None = None,
-          seed: int = 0) -> tuple[float, float]:
-    """(fidelity, editability). Fidelity: share of 'a photo of <name>' images read as the concept
+          seed: int = 0) -> tuple[float, float, dict[str, float]]:
+    """(fidelity, editability, parts). Fidelity: share of 'a photo of <name>' images read as the concept
     (texture, colour and shape); editability: share of '<name> on a red background' images with a red
-    background and the concept intact. `subject` replaces the trigger by words (the text upper bound)."""
+    background and the concept intact; parts: per concept attribute, the share of fidelity images that
+    have it right. `subject` replaces the trigger by words (the text upper bound)."""
     name = subject or trigger
     n = config.images_per_prompt
     prompts = [f"a photo of {name}"] * n + [f"{name} {world.background_words(world_config.edit_background)}"] * n
@@ -91,7 +94,9 @@ def score(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_con
     red_ok = pred[:, 3] == want[3]
     fidelity = float(concept_ok[:n].float().mean())
     editability = float((concept_ok[n:] & red_ok[n:]).float().mean())
-    return fidelity, editability
+    parts = {attribute: float((pred[:n, i] == want[i]).float().mean())
+             for i, attribute in enumerate(world.ATTRIBUTES[:3])}
+    return fidelity, editability, parts
 
 
 def choose(rows: list[Row], floor: float) -> tuple[int | None, int | None]:
@@ -144,14 +149,14 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
         loss = trainer_val.get(step)
         if loss is None:
             loss = fixed_loss(backend, outcome.data, NAME, vectors, lines, seed=seed)
-        fid, edit = score(backend, reader, world_config, config, NAME, vectors, seed=seed)
-        rows.append(Row(label, step, float(loss), fid, edit))
+        fid, edit, parts = score(backend, reader, world_config, config, NAME, vectors, seed=seed)
+        rows.append(Row(label, step, float(loss), fid, edit, parts))
         logger.info("step %s: val loss %.5f fidelity %.3f editability %.3f", label, loss, fid, edit)
     if with_text_bound:
         texture, colour, shape = world_config.concept
-        fid, edit = score(backend, reader, world_config, config, NAME, {}, subject=f"a {texture} {colour} {shape}",
-                          seed=seed)
-        rows.append(Row("text", None, None, fid, edit))
+        fid, edit, parts = score(backend, reader, world_config, config, NAME, {},
+                                 subject=f"a {texture} {colour} {shape}", seed=seed)
+        rows.append(Row("text", None, None, fid, edit, parts))
     seconds["scoring_s"] = time.perf_counter() - started
     best, val = choose(rows, config.floor)
     return TaskResult(rows, best, val, getattr(outcome.result, "best_step", None), seconds)
