@@ -8,7 +8,8 @@ held-out concept from 5 renders; every snapshot is scored by what the model then
   fidelity     share of "a photo of <name>" images the classifier reads as the concept
   editability  share of "<name> on a red background" images with a red background and the concept
 
-next to the init-text baseline (step 0) and the concept named in words (an upper bound). The model
+next to the init-text baseline (step 0) and the concept named in words (a reference). Writes the
+table as quality.json, a plot (quality.png) and generated samples (quality-samples.png) to --out. The model
 and classifier are cached under ~/.cache/textual_inversion_ext/quality/<hash>/ and rebuilt when the
 world, model, pretraining config or CODE_VERSION change.
 
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(args.out / "quality.json", json.loads(json.dumps(record, default=str)), result)
     png = report.plot(args.out / "quality.png", result, config.floor,
                       f"TI on held-out '{texture} {colour} {shape}' (seed {args.seed})")
-    print(f"Wrote {args.out / 'quality.json'} and {png}")
+    picked = ["init", *(str(s) for s in (result.best_step, result.val_step) if s is not None), "text"]
+    sheet = report.sample_sheet(args.out / "quality-samples.png", result, list(dict.fromkeys(picked)))
+    print(f"Wrote {args.out / 'quality.json'}, {png} and {sheet}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The tiny pretrained text-to-image model: a VAE, then UNet + CLIP-shaped text encoder, trained on the
-world with the held-out combinations left out. Seeded, and cached on disk under a hash of everything
+"""The tiny pretrained text-to-image model: a VAE, a CLIP-shaped text encoder (pretrained on reading
+captions' attributes, then frozen) and the UNet, trained on the world with the held-out combinations
+left out. Seeded, and cached on disk under a hash of everything
 that determines the weights, so a config or code change rebuilds it."""
 
 from __future__ import annotations

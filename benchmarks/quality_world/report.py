@@ -62,3 +62,33 @@ def plot(path: Path, result: TaskResult, floor: float, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def sample_sheet(path: Path, result: TaskResult, labels: list[str]) -> Path:
+    """One row per label ('init', a step, 'text'): the first images of 'a photo of <name>', then of
+    '<name> on a red background', the same start noise in every row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"init": "init text", "text": "in words"}
+    labels = [label for label in labels if label in result.samples]
+    per_row = max(len(result.samples[label]) for label in labels)
+    fig, axes = plt.subplots(len(labels), per_row, figsize=(per_row * 0.9 + 0.9, len(labels) * 0.95 + 0.4),
+                             dpi=100, squeeze=False)
+    for i, label in enumerate(labels):
+        images = (result.samples[label].clamp(-1, 1) + 1) / 2
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(images):
+                ax.imshow(images[j].permute(1, 2, 0).numpy())
+        axes[i][0].set_ylabel(names.get(label, f"step {label}"), fontsize=8)
+    half = per_row // 2
+    axes[0][0].set_title("a photo of <name>", fontsize=8, loc="left")
+    axes[0][half].set_title("<name> on a red background", fontsize=8, loc="left")
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

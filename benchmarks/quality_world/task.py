@@ -60,6 +60,11 @@ class TaskResult:
     val_step: int | None  # lowest validation loss
     trainer_best_step: int | None  # what the trainer itself reports, when it does
     seconds: dict[str, float] = field(default_factory=dict)
+    # Row label -> the first SAMPLES images of each prompt (fidelity, then editability), for a look.
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+SAMPLES = 6
 
 
 def write_dataset(folder: Path, world_config: world.WorldConfig, seed: int) -> list[Path]:
@@ -78,11 +83,12 @@ def write_dataset(folder: Path, world_config: world.WorldConfig, seed: int) -> l
 
 def score(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_config: world.WorldConfig,
           config: TaskConfig, trigger: str, vectors: dict[str, torch.Tensor], subject: str | None = None,
-          seed: int = 0) -> tuple[float, float, dict[str, float]]:
-    """(fidelity, editability, parts). Fidelity: share of 'a photo of <name>' images read as the concept
+          seed: int = 0) -> tuple[float, float, dict[str, float], torch.Tensor]:
+    """(fidelity, editability, parts, samples). Fidelity: share of 'a photo of <name>' images read as the concept
     (texture, colour and shape); editability: share of '<name> on a red background' images with a red
     background and the concept intact; parts: per concept attribute, the share of fidelity images that
-    have it right. `subject` replaces the trigger by words (the text upper bound)."""
+    have it right; samples: the first SAMPLES images of each prompt. `subject` replaces the trigger by
+    words (the text upper bound)."""
     name = subject or trigger
     n = config.images_per_prompt
     prompts = [f"a photo of {name}"] * n + [f"{name} {world.background_words(world_config.edit_background)}"] * n
@@ -96,7 +102,8 @@ def score(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_con
     editability = float((concept_ok[n:] & red_ok[n:]).float().mean())
     parts = {attribute: float((pred[:n, i] == want[i]).float().mean())
              for i, attribute in enumerate(world.ATTRIBUTES[:3])}
-    return fidelity, editability, parts
+    samples = torch.cat([images[:SAMPLES], images[n : n + SAMPLES]])
+    return fidelity, editability, parts, samples
 
 
 def choose(rows: list[Row], floor: float) -> tuple[int | None, int | None]:
@@ -138,7 +145,7 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
     snapshots = {formats.load_embedding(p).embedding.step: p for p in outcome.result.snapshots}
     snapshots.pop(0, None)  # the start vectors: scored as the init row
     started = time.perf_counter()
-    rows = []
+    rows, samples = [], {}
     scored = [("init", 0, created.embedding.vectors)] + [
         (str(s), s, formats.load_embedding(p).embedding.vectors) for s, p in sorted(snapshots.items())
     ]
@@ -149,14 +156,14 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
         loss = trainer_val.get(step)
         if loss is None:
             loss = fixed_loss(backend, outcome.data, NAME, vectors, lines, seed=seed)
-        fid, edit, parts = score(backend, reader, world_config, config, NAME, vectors, seed=seed)
+        fid, edit, parts, samples[label] = score(backend, reader, world_config, config, NAME, vectors, seed=seed)
         rows.append(Row(label, step, float(loss), fid, edit, parts))
         logger.info("step %s: val loss %.5f fidelity %.3f editability %.3f", label, loss, fid, edit)
     if with_text_bound:
         texture, colour, shape = world_config.concept
-        fid, edit, parts = score(backend, reader, world_config, config, NAME, {},
-                                 subject=f"a {texture} {colour} {shape}", seed=seed)
+        fid, edit, parts, samples["text"] = score(backend, reader, world_config, config, NAME, {},
+                                                  subject=f"a {texture} {colour} {shape}", seed=seed)
         rows.append(Row("text", None, None, fid, edit, parts))
     seconds["scoring_s"] = time.perf_counter() - started
     best, val = choose(rows, config.floor)
-    return TaskResult(rows, best, val, getattr(outcome.result, "best_step", None), seconds)
+    return TaskResult(rows, best, val, getattr(outcome.result, "best_step", None), seconds, samples)
