@@ -44,7 +44,7 @@ class TaskConfig:
 
 @dataclass
 class Row:
-    label: str  # "init", a step number, or "text" (the concept named in words: an upper bound)
+    label: str  # "init", a step number, or "text" (the concept named in words, for reference)
     step: int | None
     val_loss: float | None
     fidelity: float
@@ -88,7 +88,7 @@ def score(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_con
     (texture, colour and shape); editability: share of '<name> on a red background' images with a red
     background and the concept intact; parts: per concept attribute, the share of fidelity images that
     have it right; samples: the first SAMPLES images of each prompt. `subject` replaces the trigger by
-    words (the text upper bound)."""
+    words (the reference row)."""
     name = subject or trigger
     n = config.images_per_prompt
     prompts = [f"a photo of {name}"] * n + [f"{name} {world.background_words(world_config.edit_background)}"] * n
