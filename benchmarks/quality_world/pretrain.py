@@ -131,7 +131,8 @@ def cache_key(world_config: world.WorldConfig, model: dict, pretrain: PretrainCo
               classifier: clf.ClassifierConfig, seed: int) -> str:
     blob = json.dumps({"code": CODE_VERSION, "world": world_config.to_dict(), "model": model,
                        "pretrain": pretrain.to_dict(), "classifier": classifier.to_dict(), "seed": seed,
-                       "world_code": [world.SHAPES, world.COLOURS, world.TEXTURES, world.BACKGROUNDS]},
+                       "world_code": [world.SHAPES, world.COLOURS, world.TEXTURES, world.BACKGROUNDS,
+                                      world.RADIUS, world.POSITION_JITTER]},
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -152,16 +153,22 @@ def make_backend(model: dict, seed: int) -> StandaloneBackend:
     return StandaloneBackend(unet, vae, text_encoder, config.scheduler, info)
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def _cosine(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def _update(opt: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    schedule.step()
 
 
 def train_vae(backend: StandaloneBackend, config: PretrainConfig, seed: int) -> float:
@@ -171,11 +178,10 @@ def train_vae(backend: StandaloneBackend, config: PretrainConfig, seed: int) -> 
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     pool_x, _ = clf.batch_of(world.all_specs(), 2000, rng)
     opt = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
+    schedule = _cosine(opt, config.vae_steps, 20)
     vae.train()
     loss = torch.tensor(0.0)
     for step in range(config.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = config.vae_lr * _cosine(step, config.vae_steps, 20)
         x = pool_x[torch.randint(0, len(pool_x), (config.vae_batch,), generator=gen)]
         if config.vae_crop < world.SIZE:
             i, j = torch.randint(0, world.SIZE - config.vae_crop + 1, (2,), generator=gen).tolist()
@@ -184,7 +190,7 @@ def train_vae(backend: StandaloneBackend, config: PretrainConfig, seed: int) -> 
         rec = vae.decode(z).sample
         # A small pull on the latents keeps them near the unit scale the UNet's noise assumes.
         loss = (rec - x).pow(2).mean() + 1e-4 * z.pow(2).mean()
-        _update(opt, loss)
+        _update(opt, schedule, loss)
         if step % 100 == 0:
             logger.info("VAE step %d loss %.4f", step, float(loss.detach()))
     vae.eval()
@@ -208,11 +214,11 @@ def train_denoiser(backend: StandaloneBackend, world_config: world.WorldConfig, 
     for p in unet.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
+    schedule = _cosine(opt, config.unet_steps, config.warmup)
     unet.train()
     avg = None
+    n_t = backend.num_train_timesteps
     for step in range(config.unet_steps):
-        for group in opt.param_groups:
-            group["lr"] = config.unet_lr * _cosine(step, config.unet_steps, config.warmup)
         pick = torch.randint(0, len(specs), (config.unet_batch,), generator=gen)
         prompts = [world.training_caption(specs[i], rng, template_lines).text for i in pick.tolist()]
         with torch.no_grad():
@@ -220,12 +226,11 @@ def train_denoiser(backend: StandaloneBackend, world_config: world.WorldConfig, 
         noise = torch.randn(latents[pick].shape, generator=gen)
         # Half the batch at high noise: that is where the prompt decides shape, colour and background,
         # and where a uniform draw gives the conditioning too little gradient to learn in minutes.
-        n_t = backend.num_train_timesteps
         t = torch.randint(0, n_t, (config.unet_batch,), generator=gen)
         high = torch.randint(int(n_t * config.high_noise_from), n_t, (config.unet_batch,), generator=gen)
         t = torch.where(torch.arange(config.unet_batch) % 2 == 0, t, high)
         loss = backend.training_loss(latents[pick], cond, noise, t).mean()
-        _update(opt, loss)
+        _update(opt, schedule, loss)
         avg = float(loss.detach()) if avg is None else 0.98 * avg + 0.02 * float(loss.detach())
         if step % 100 == 0:
             logger.info("UNet step %d loss %.4f (avg %.4f)", step, float(loss.detach()), avg)
@@ -255,16 +260,15 @@ def train_text_encoder(backend: StandaloneBackend, world_config: world.WorldConf
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=config.text_lr, weight_decay=0.0)
+    schedule = _cosine(opt, config.text_steps, 20)
     encoder.train()
     loss = torch.tensor(0.0)
     for step in range(config.text_steps):
-        for group in opt.param_groups:
-            group["lr"] = config.text_lr * _cosine(step, config.text_steps, 20)
         captions = [world.training_caption(rng.choice(specs), rng, template_lines) for _ in range(config.text_batch)]
         targets = world.caption_targets(captions)
         pooled = backend.encode_text([c.text for c in captions], "", {}).mean(dim=1)
         loss = sum(F.cross_entropy(head(pooled), targets[:, i]) for i, head in enumerate(heads))
-        _update(opt, loss)
+        _update(opt, schedule, loss)
         if step % 100 == 0:
             logger.info("text encoder step %d loss %.4f", step, float(loss.detach()))
     encoder.eval()

@@ -125,11 +125,9 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
     created = create_embedding(backend, CreateParams(name=NAME, init_text=config.init_text,
                                                      num_vectors=config.num_vectors, overwrite=True),
                                work / "embeddings")
-    params = TrainParams(max_steps=config.max_steps, save_every=config.save_every, preview_every=0, seed=seed)
-    # Output-only settings, where this trainer version has them: validate where we snapshot, no grid.
-    for key, value in (("val_every", config.save_every), ("comparison_grid", False)):
-        if hasattr(params, key):
-            setattr(params, key, value)
+    # Output-only settings: validate where we snapshot, no previews, no grid.
+    params = TrainParams(max_steps=config.max_steps, save_every=config.save_every, val_every=config.save_every,
+                         preview_every=0, comparison_grid=False, seed=seed)
     if config.learn_rate is not None:
         params.learn_rate = config.learn_rate
     if config.template is not None:
@@ -140,8 +138,8 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
     if outcome.result.status != "finished":
         raise RuntimeError(f"TI training did not finish: {outcome.result.message}")
     lines = load_template(params.template)
-    # The trainer's own validation curve when it has one (issue 5), else the same fixed-noise loss here.
-    trainer_val = dict(getattr(outcome.result, "validation", None) or [])
+    # The trainer's own validation curve; the same fixed-noise loss here for a step it did not cover.
+    trainer_val = dict(outcome.result.validation)
     snapshots = {formats.load_embedding(p).embedding.step: p for p in outcome.result.snapshots}
     snapshots.pop(0, None)  # the start vectors: scored as the init row
     started = time.perf_counter()
@@ -166,4 +164,4 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
         rows.append(Row("text", None, None, fid, edit, parts))
     seconds["scoring_s"] = time.perf_counter() - started
     best, val = choose(rows, config.floor)
-    return TaskResult(rows, best, val, getattr(outcome.result, "best_step", None), seconds, samples)
+    return TaskResult(rows, best, val, outcome.result.best_step, seconds, samples)

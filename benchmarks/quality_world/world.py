@@ -146,21 +146,19 @@ class Caption:
     named: dict[str, str | None]
 
 
-def subject_words(spec: Spec, rng: random.Random | None = None, drop: float = 0.0,
-                  named: dict[str, str | None] | None = None) -> str:
-    """'striped purple star'; with `drop`, texture/colour go missing and the shape becomes 'shape'.
-    `named` (if given) records which attributes the words name."""
-    words = []
-    record = named if named is not None else {}
-    for attribute, value in (("texture", spec.texture), ("colour", spec.colour)):
-        keep = rng is None or rng.random() >= drop
-        record[attribute] = value if keep else None
-        if keep:
-            words.append(value)
-    keep = rng is None or rng.random() >= drop
-    record["shape"] = spec.shape if keep else None
-    words.append(spec.shape if keep else "shape")
-    return " ".join(words)
+def subject_words(spec: Spec) -> str:
+    """'striped purple star': every object attribute, in prompt order."""
+    return f"{spec.texture} {spec.colour} {spec.shape}"
+
+
+def _partial_subject(spec: Spec, rng: random.Random, drop: float) -> tuple[str, dict[str, str | None]]:
+    """Texture and colour each go missing with probability `drop`, and the shape becomes the word
+    'shape'; returns the words and what they name (attribute -> value or None)."""
+    named: dict[str, str | None] = {}
+    for attribute, value in (("texture", spec.texture), ("colour", spec.colour), ("shape", spec.shape)):
+        named[attribute] = value if rng.random() >= drop else None
+    words = [named["texture"], named["colour"], named["shape"] or "shape"]
+    return " ".join(w for w in words if w), named
 
 
 def background_words(background: str) -> str:
@@ -173,8 +171,7 @@ def training_caption(spec: Spec, rng: random.Random, template_lines: list[str]) 
     now and then so a partial prompt (or the init text 'shape') leaves the rest to chance."""
     if rng.random() < 0.1:
         return Caption("", dict.fromkeys(ATTRIBUTES))  # unconditional, for classifier-free guidance
-    named: dict[str, str | None] = {}
-    subject = subject_words(spec, rng, drop=0.15, named=named)
+    subject, named = _partial_subject(spec, rng, drop=0.15)
     with_background = rng.random() >= 0.15
     named["background"] = spec.background if with_background else None
     background = background_words(spec.background) if with_background else ""
