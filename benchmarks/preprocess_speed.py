@@ -60,7 +60,7 @@ def _subset(src: Path, dst: Path, count: int) -> None:
 def child(source: str, destination: str, size: int, workers: int) -> None:
     """One measured run (in its own process); prints a JSON line."""
     sys.path.insert(0, str(REPO))
-    from textual_inversion_ext.core.preprocess import PreprocessParams, preprocess
+    from textual_inversion_ext.core.data.preprocess import PreprocessParams, preprocess
 
     baseline = _peak_rss_mb()
     params = PreprocessParams(source=source, destination=destination, width=size, height=size, flip=True,

@@ -3,7 +3,7 @@
 Same model, same images, same seed, same steps. Each (config, loop) runs in its own process so
 peak memory is measured cleanly; the parent prints steps/s, peak memory and ratios against ours.
 
-  ours                    core.trainer.train: frozen model, SDPA attention, no checkpointing,
+  ours                    core.training.trainer.train: frozen model, SDPA attention, no checkpointing,
                           latents cached once, no per-step host sync
   a1111-style             UNet weights require grad (the host never freezes them), gradient
                           checkpointing on, plain attention, `.item()` after every micro-batch
@@ -85,8 +85,8 @@ class Timer:
 
 
 def run_ours(backend, data, emb, args, timer: Timer, tmp: Path) -> None:
-    from textual_inversion_ext.core.train_params import TrainParams
-    from textual_inversion_ext.core.trainer import RunPaths, train
+    from textual_inversion_ext.core.training.train_params import TrainParams
+    from textual_inversion_ext.core.training.trainer import RunPaths, train
 
     params = TrainParams(max_steps=args.warmup + args.steps, save_every=0, preview_every=0, csv_every=0,
                          save_optimizer_state=False, seed=0, template="subject_filewords")
@@ -158,8 +158,8 @@ def run_diffusers_style(backend, data, emb, args, timer: Timer, pixels: list[tor
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from textual_inversion_ext.core import images
-    from textual_inversion_ext.core.dataset import prepare
+    from textual_inversion_ext.core.data import images
+    from textual_inversion_ext.core.data.dataset import prepare
     from textual_inversion_ext.core.embedding import SINGLE, Embedding
 
     torch.manual_seed(0)

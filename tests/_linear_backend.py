@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from textual_inversion_ext.backends.protocol import LatentDist, ModelInfo
+from textual_inversion_ext.core.backend import LatentDist, ModelInfo
 from textual_inversion_ext.core.tokens import VOCAB_SIZE
 
 DIM, LATENT = 8, 8  # embedding width; latent side (64 px images, 8x "VAE")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from textual_inversion_ext.backends.protocol import ModelInfo
+from textual_inversion_ext.core.backend import ModelInfo
 from textual_inversion_ext.service import Service
 
 

@@ -11,7 +11,7 @@ from textual_inversion_ext.service import Service
 @pytest.fixture(autouse=True)
 def _captioner_registry():
     """Each test sees the registry as it was (host glue tests register the host's captioners)."""
-    from textual_inversion_ext.core import captioners
+    from textual_inversion_ext.core.data import captioners
 
     saved = dict(captioners._REGISTRY)
     yield

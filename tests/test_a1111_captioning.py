@@ -9,7 +9,7 @@ import types
 import pytest
 
 from textual_inversion_ext.backends.a1111 import captioning
-from textual_inversion_ext.core.captioners import CaptionerUnavailable, get_captioner
+from textual_inversion_ext.core.data.captioners import CaptionerUnavailable, get_captioner
 
 
 @pytest.fixture

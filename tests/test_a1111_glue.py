@@ -13,7 +13,7 @@ import torch
 
 from textual_inversion_ext.core.errors import ModelError
 from textual_inversion_ext.core.params import ParameterError
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.training.train_params import TrainParams
 from textual_inversion_ext.jobs import JobManager
 
 FAKE_HOST = Path(__file__).parent / "fake_host"

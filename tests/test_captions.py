@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from textual_inversion_ext.cli import main
-from textual_inversion_ext.core import captions
-from textual_inversion_ext.core.captions import CaptionError
+from textual_inversion_ext.core.data import captions
+from textual_inversion_ext.core.data.captions import CaptionError
 
 
 def _img(path: Path, w: int = 80, h: int = 64, seed: int = 0) -> Path:
@@ -164,7 +164,7 @@ def test_tag_frequency(data: Path) -> None:
 
 
 def test_history_is_capped_and_hidden_from_scans(data: Path, monkeypatch) -> None:
-    from textual_inversion_ext.core.images import scan_dataset
+    from textual_inversion_ext.core.data.images import scan_dataset
 
     monkeypatch.setattr(captions, "MAX_HISTORY", 2)
     for i in range(4):

@@ -10,8 +10,8 @@ from textual_inversion_ext import api
 from textual_inversion_ext.core import create_hints as ch
 from textual_inversion_ext.core.create import CreateParams
 from textual_inversion_ext.core.create_hints import INFO, WARN, Hint
-from textual_inversion_ext.core.templates import load_template
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.data.templates import load_template
+from textual_inversion_ext.core.training.train_params import TrainParams
 from textual_inversion_ext.ui import handlers
 from textual_inversion_ext.ui.controls import control_specs, values_of
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from textual_inversion_ext.core.dataset import BatchOrder, derive_seed
+from textual_inversion_ext.core.data.dataset import BatchOrder, derive_seed
 
 
 def test_derive_seed_is_stable_and_distinct():

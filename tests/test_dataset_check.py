@@ -9,13 +9,7 @@ import pytest
 from PIL import Image
 
 from textual_inversion_ext.cli import main
-from textual_inversion_ext.core.dataset_check import (
-    CheckParams,
-    check_dataset,
-    dhash,
-    hamming,
-    subject_words,
-)
+from textual_inversion_ext.core.data.dataset_check import CheckParams, check_dataset, dhash, hamming, subject_words
 from textual_inversion_ext.core.errors import DatasetError
 
 

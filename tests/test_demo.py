@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from textual_inversion_ext.core import formats
-from textual_inversion_ext.core.metrics import read_loss_csv
+from textual_inversion_ext.core.training.metrics import read_loss_csv
 from textual_inversion_ext.demo import run_demo
 
 

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from textual_inversion_ext.core.errors import DatasetError
-from textual_inversion_ext.core.images import (
+from textual_inversion_ext.core.data.images import (
     ALPHA_BACKGROUND,
     bucket_candidates,
     caption_from_filename,
@@ -24,6 +23,7 @@ from textual_inversion_ext.core.images import (
     to_rgb,
     to_tensor,
 )
+from textual_inversion_ext.core.errors import DatasetError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

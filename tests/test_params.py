@@ -16,7 +16,7 @@ from textual_inversion_ext.core.params import (
     to_record,
     validate,
 )
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.training.train_params import TrainParams
 
 
 def parse(cls, argv):

@@ -10,8 +10,8 @@ from PIL import Image
 from test_api import call, wait
 
 from textual_inversion_ext import api
-from textual_inversion_ext.core.captioners import CaptionerUnavailable, register_captioner
-from textual_inversion_ext.core.preprocess import PreprocessParams
+from textual_inversion_ext.core.data.captioners import CaptionerUnavailable, register_captioner
+from textual_inversion_ext.core.data.preprocess import PreprocessParams
 from textual_inversion_ext.ui import prep, status
 from textual_inversion_ext.ui.controls import control_specs, values_of
 
@@ -191,7 +191,7 @@ def test_preprocess_form_handlers(tmp_path):
 
 def test_training_message_starts_with_the_check_summary(tmp_path):
     from textual_inversion_ext.core.create import CreateParams
-    from textual_inversion_ext.core.train_params import TrainParams
+    from textual_inversion_ext.core.training.train_params import TrainParams
     from textual_inversion_ext.ui import handlers
 
     service = stub_service(tmp_path)

@@ -13,21 +13,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from textual_inversion_ext.cli import main
-from textual_inversion_ext.core import crops
-from textual_inversion_ext.core.captioners import (
+from textual_inversion_ext.core.data import crops
+from textual_inversion_ext.core.data.captioners import (
     CaptionerUnavailable,
     available_captioners,
     get_captioner,
     register_captioner,
     unregister_captioner,
 )
+from textual_inversion_ext.core.data.preprocess import PreprocessError, PreprocessParams, combine_captions, preprocess
 from textual_inversion_ext.core.params import ParameterError
-from textual_inversion_ext.core.preprocess import (
-    PreprocessError,
-    PreprocessParams,
-    combine_captions,
-    preprocess,
-)
 
 GREY = (128, 128, 128)
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from textual_inversion_ext.core.errors import ScheduleError
-from textual_inversion_ext.core.schedule import (
+from textual_inversion_ext.core.training.schedule import (
     LRSchedule,
     ScheduleItem,
     Segment,
@@ -84,7 +84,7 @@ def test_last_explicit_step_caps_training() -> None:
 
 
 def test_until_max_marker_stops_parsing(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="textual_inversion_ext.core.schedule"):
+    with caplog.at_level(logging.INFO, logger="textual_inversion_ext.core.training.schedule"):
         s = LRSchedule("0.01:-1, 0.001", 500)
     assert s.segments == (Segment(0.01, 0, 500),)
     assert "0.001" in caplog.text  # the ignored tail is logged

@@ -9,7 +9,7 @@ from _waiting import wait_for_job
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams
 from textual_inversion_ext.core.errors import TIError
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.training.train_params import TrainParams
 from textual_inversion_ext.jobs import BusyError, HostHooks, JobManager
 from textual_inversion_ext.service import Service
 

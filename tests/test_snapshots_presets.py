@@ -13,8 +13,8 @@ from textual_inversion_ext import api, cli
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams
 from textual_inversion_ext.core.errors import TIError
-from textual_inversion_ext.core.train_params import TrainParams
-from textual_inversion_ext.core.trainer import sidecar_path
+from textual_inversion_ext.core.training.train_params import TrainParams
+from textual_inversion_ext.core.training.trainer import sidecar_path
 from textual_inversion_ext.service import Service
 
 FAST = dict(max_steps=6, save_every=3, preview_every=0, val_every=3, csv_every=1, comparison_grid=False,

@@ -16,15 +16,10 @@ import safetensors.torch
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from textual_inversion_ext.backends.protocol import Backend, TrainingOptions
-from textual_inversion_ext.backends.standalone import (
-    StandaloneBackend,
-    embedded_default,
-    load_checkpoint,
-    splice,
-)
+from textual_inversion_ext.backends.standalone import StandaloneBackend, embedded_default, load_checkpoint, splice
 from textual_inversion_ext.backends.standalone.embedded import embedded_config
 from textual_inversion_ext.backends.standalone.models import build_random, model_config
+from textual_inversion_ext.core.backend import Backend, TrainingOptions
 from textual_inversion_ext.core.embedding import SINGLE
 from textual_inversion_ext.core.errors import ModelError
 from textual_inversion_ext.core.tokens import token_ids

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from textual_inversion_ext.core.templates import (
+from textual_inversion_ext.core.data.templates import (
     BUILTIN_DIR,
     PromptBuilder,
     TemplateError,

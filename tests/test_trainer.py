@@ -11,8 +11,8 @@ from _faults import FaultyBackend
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams, create_embedding
 from textual_inversion_ext.core.errors import TrainingError
-from textual_inversion_ext.core.run import RunRequest, run_training
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.training.run import RunRequest, run_training
+from textual_inversion_ext.core.training.train_params import TrainParams
 
 
 def fresh_embedding(backend, folder: Path, name: str = "toy") -> Path:

@@ -15,7 +15,7 @@ from _ui_fakes import ScriptedService, hold_a_job, job, stub_service
 from textual_inversion_ext.core.create import CreateParams
 from textual_inversion_ext.core.errors import TIError
 from textual_inversion_ext.core.params import ParameterError, fields_of, param
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.training.train_params import TrainParams
 from textual_inversion_ext.ui import handlers, status
 from textual_inversion_ext.ui.controls import (
     MAX_SLIDER_POSITIONS,

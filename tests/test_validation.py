@@ -15,11 +15,11 @@ from PIL import Image, ImageDraw
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams, create_embedding
 from textual_inversion_ext.core.errors import DatasetError, TrainingError
-from textual_inversion_ext.core.health import vocabulary_median_norms
-from textual_inversion_ext.core.run import RunRequest, run_training
-from textual_inversion_ext.core.train_params import TrainParams
-from textual_inversion_ext.core.trainer import sidecar_path
-from textual_inversion_ext.core.validation import ValidationTracker, split_indices
+from textual_inversion_ext.core.training.health import vocabulary_median_norms
+from textual_inversion_ext.core.training.run import RunRequest, run_training
+from textual_inversion_ext.core.training.train_params import TrainParams
+from textual_inversion_ext.core.training.trainer import sidecar_path
+from textual_inversion_ext.core.training.validation import ValidationTracker, split_indices
 
 
 def fresh(backend, folder, name="toy"):
@@ -205,7 +205,7 @@ def test_resume_from_step_100_snapshot_equals_straight_200(tiny_backend, demo_da
 
 
 def test_comparison_grid_has_a_column_per_snapshot_and_a_row_per_prompt(tiny_backend, demo_data, tmp_path):
-    from textual_inversion_ext.core.grid import HEADER, LABEL_WIDTH, PAD
+    from textual_inversion_ext.core.training.grid import HEADER, LABEL_WIDTH, PAD
 
     p = params(max_steps=8, save_every=4, val_every=0, comparison_grid=True, resolution=64,
                preview_prompt="a photo of toy\ntoy on a red background")

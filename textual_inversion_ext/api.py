@@ -15,10 +15,10 @@ from typing import Any
 
 from . import __version__
 from .core.create import CreateParams
+from .core.data.preprocess import PreprocessParams
 from .core.errors import TIError
 from .core.params import ParameterError, fields_of, from_record, json_schema
-from .core.preprocess import PreprocessParams
-from .core.train_params import TrainParams
+from .core.training.train_params import TrainParams
 from .jobs import BusyError
 from .service import Service
 

@@ -6,20 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 from . import __version__
+from .console import progress_printer, stop_on_sigint, train_with_progress_bar
 from .core import formats
 from .core.create import CreateParams, create_embedding
-from .core.dataset_check import CheckParams
+from .core.data.dataset_check import CheckParams
+from .core.data.preprocess import PreprocessParams
 from .core.errors import TIError
 from .core.params import add_arguments, from_namespace, to_record
-from .core.preprocess import PreprocessParams
-from .core.train_params import TrainParams
+from .core.training.train_params import TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _preset_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) ->
     known, _ = pre.parse_known_args(argv)
     if known.command != "train" or known.preset is None:
         return
-    from .core.presets import load_preset
+    from .core.training.presets import load_preset
 
     params, _extra = load_preset(known.preset.parent, known.preset.stem)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -231,11 +231,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .core.run import RunRequest
+    from .core.training.run import RunRequest
 
     params = from_namespace(TrainParams, args)
     if args.save_preset:
-        from .core.presets import save_preset
+        from .core.training.presets import save_preset
 
         print(f"Saved preset {save_preset(args.save_preset.parent, args.save_preset.stem, params)}")
     backend = load_backend(args)
@@ -256,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from .core.snapshots import promote
+    from .core.training.snapshots import promote
 
     target = promote(args.snapshot, args.embedding)
     print(f"{target} now holds {args.snapshot.name} (step {formats.load_embedding(target).embedding.step}).")
@@ -264,43 +264,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from .core.run import render_run_grid
+    from .core.training.run import render_run_grid
 
     if not (args.log_dir / "run.json").is_file():
         raise TIError(f"{args.log_dir} has no run.json: give a run's log folder.")
     path = render_run_grid(load_backend(args), args.log_dir, "\n".join(args.prompt), status=print)
     print(f"Comparison grid: {path}")
     return 0
-
-
-def train_with_progress_bar(backend, request):
-    """Run training with a terminal progress bar; Ctrl+C stops cleanly and saves."""
-    from tqdm import tqdm
-
-    from .core.run import run_training
-
-    stop = threading.Event()
-    bar = tqdm(total=request.params.max_steps, unit="step", dynamic_ncols=True, mininterval=0.5)
-
-    def on_progress(p) -> None:
-        bar.total = p.end_step
-        val = f" val {p.validation[-1][1]:.4f}" if p.validation else ""
-        bar.set_postfix_str(f"loss {p.loss:.4f}{val} lr {p.learn_rate:.2g} {p.s_per_step:.3f}s/step "
-                            f"ETA {p.eta_s:.0f}s", refresh=False)
-        bar.update(p.step - bar.n)  # redraws at most every mininterval, not every step
-
-    def on_sigint(signum, frame) -> None:
-        # First Ctrl+C: stop after this step and save; a second one aborts (still saving, atomically).
-        tqdm.write("Stopping after this step and saving… (Ctrl+C again to abort)")
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        return run_training(backend, request, progress=on_progress, status=tqdm.write, stop=stop)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        bar.close()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -327,52 +297,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer(unit: str):
-    """A tqdm bar when tqdm is installed (standalone extra), else a line every 5 %."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with the standalone extra
-        tqdm = None
-    state: dict = {}
-
-    def update(done: int, total: int, message: str) -> None:
-        if tqdm is not None:
-            bar = state.get("bar")
-            if bar is None:
-                bar = state["bar"] = tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.5)
-            bar.update(done - bar.n)
-        elif total and (done == total or done * 20 // total != (done - 1) * 20 // total):
-            print(f"{done}/{total} {message}", file=sys.stderr)
-
-    def close() -> None:
-        if state.get("bar") is not None:
-            state["bar"].close()
-
-    return update, close
-
-
-def _stop_on_sigint(stop: threading.Event, what: str):
-    def on_sigint(signum, frame) -> None:
-        print(f"\nStopping {what} after the current image… (Ctrl+C again to abort)", file=sys.stderr)
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    return previous
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from .core.preprocess import preprocess
+    from .core.data.preprocess import preprocess
 
     params = from_namespace(PreprocessParams, args, source=str(args.source),
                             destination=str(args.destination) if args.destination else "")
     stop = threading.Event()
-    update, close = _progress_printer("img")
-    previous = _stop_on_sigint(stop, "preprocessing")
+    update, close = progress_printer("img")
     try:
-        result = preprocess(params, progress=update, stop=stop)
+        with stop_on_sigint(stop, "\nStopping preprocessing after the current image… (Ctrl+C again to abort)"):
+            result = preprocess(params, progress=update, stop=stop)
     finally:
-        signal.signal(signal.SIGINT, previous)
         close()
     if args.json:
         print(json.dumps({"summary": result.summary(), "status": result.status, "messages": result.messages,
@@ -390,7 +325,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
-    from .core import captions
+    from .core.data import captions
 
     recursive = getattr(args, "recursive", False)
     if args.action == "list":
@@ -429,16 +364,15 @@ def cmd_captions(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .core.dataset_check import INFO, check_dataset
+    from .core.data.dataset_check import INFO, check_dataset
 
     params = from_namespace(CheckParams, args)
     stop = threading.Event()
-    update, close = _progress_printer("file")
-    previous = _stop_on_sigint(stop, "the check")
+    update, close = progress_printer("file")
     try:
-        report = check_dataset(args.folder, params, progress=update, stop=stop)
+        with stop_on_sigint(stop, "\nStopping the check after the current image… (Ctrl+C again to abort)"):
+            report = check_dataset(args.folder, params, progress=update, stop=stop)
     finally:
-        signal.signal(signal.SIGINT, previous)
         close()
     if args.json:
         print(json.dumps({"summary": report.summary(), "usable": report.usable, "warnings": report.warnings,

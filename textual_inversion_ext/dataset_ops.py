@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .core import captions
-from .core.dataset_check import CheckParams, CheckReport, check_dataset
+from .core.data import captions
+from .core.data.dataset_check import CheckParams, CheckReport, check_dataset
+from .core.data.preprocess import PreprocessResult
 from .core.errors import TIError
-from .core.preprocess import PreprocessResult
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .console import train_with_progress_bar
 from .core import formats
 from .core.create import CreateParams, create_embedding
-from .core.metrics import read_loss_csv
-from .core.run import RunRequest
-from .core.train_params import TrainParams
-from .core.trainer import sidecar_path
+from .core.training.metrics import read_loss_csv
+from .core.training.run import RunRequest
+from .core.training.train_params import TrainParams
+from .core.training.trainer import sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ def plot_losses(csv_path: Path, out: Path, title: str, validation: list[tuple[in
 
 
 def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dict[str, object]:
-    from .cli import train_with_progress_bar
 
     out = Path(out)
     data_dir = out / "dataset"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core.errors import TIError
-from .core.metrics import Progress
+from .core.training.metrics import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -13,19 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from . import dataset_ops
-from .backends.protocol import Backend
-from .core import create_hints, formats, grid
+from .core import create_hints, formats
+from .core.backend import Backend
 from .core.create import Created, CreateParams, create_embedding
+from .core.data.preprocess import PreprocessParams, Upscaler, check_params, preprocess, resolve_folders
+from .core.data.templates import load_template
 from .core.embedding import validate_name
 from .core.errors import EmbeddingFormatError, TIError
-from .core.metrics import Progress
 from .core.params import from_record, to_record
-from .core.preprocess import PreprocessParams, Upscaler, check_params, preprocess, resolve_folders
-from .core.presets import list_presets, load_preset, save_preset
-from .core.run import RunRequest, render_run_grid, run_training
-from .core.snapshots import check_inside, list_snapshots, promote
-from .core.templates import load_template
-from .core.train_params import TrainParams
+from .core.training import grid
+from .core.training.metrics import Progress
+from .core.training.presets import list_presets, load_preset, save_preset
+from .core.training.run import RunRequest, render_run_grid, run_training
+from .core.training.snapshots import check_inside, list_snapshots, promote
+from .core.training.train_params import TrainParams
 from .jobs import Job, JobManager
 
 logger = logging.getLogger(__name__)

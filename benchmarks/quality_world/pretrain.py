@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from textual_inversion_ext.backends.protocol import ModelInfo
 from textual_inversion_ext.backends.standalone import StandaloneBackend
 from textual_inversion_ext.backends.standalone.models import build_random, model_config
-from textual_inversion_ext.core.templates import load_template
+from textual_inversion_ext.core.backend import ModelInfo
+from textual_inversion_ext.core.data.templates import load_template
 
 from . import classifier as clf
 from . import world

@@ -15,10 +15,10 @@ from PIL import Image
 from textual_inversion_ext.backends.standalone import StandaloneBackend
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams, create_embedding
-from textual_inversion_ext.core.evaluate import fixed_loss
-from textual_inversion_ext.core.run import RunRequest, run_training
-from textual_inversion_ext.core.templates import load_template
-from textual_inversion_ext.core.train_params import TrainParams
+from textual_inversion_ext.core.data.templates import load_template
+from textual_inversion_ext.core.training.run import RunRequest, run_training
+from textual_inversion_ext.core.training.train_params import TrainParams
+from textual_inversion_ext.core.training.validation import ValidationSet
 
 from . import classifier as clf
 from . import sampling, world
@@ -153,7 +153,7 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
     for label, step, vectors in scored:
         loss = trainer_val.get(step)
         if loss is None:
-            loss = fixed_loss(backend, outcome.data, NAME, vectors, lines, seed=seed)
+            loss = ValidationSet(backend, outcome.data, NAME, lines, timesteps_per_image=4, seed=seed).loss(vectors)
         fid, edit, parts, samples[label] = score(backend, reader, world_config, config, NAME, vectors, seed=seed)
         rows.append(Row(label, step, float(loss), fid, edit, parts))
         logger.info("step %s: val loss %.5f fidelity %.3f editability %.3f", label, loss, fid, edit)

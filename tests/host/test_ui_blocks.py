@@ -18,7 +18,7 @@ from _ui_fakes import ScriptedService, hold_a_job, job, stub_service  # noqa: E4
 from PIL import Image  # noqa: E402
 
 from textual_inversion_ext.core.params import fields_of  # noqa: E402
-from textual_inversion_ext.core.train_params import TrainParams  # noqa: E402
+from textual_inversion_ext.core.training.train_params import TrainParams  # noqa: E402
 from textual_inversion_ext.ui import build_tabs, compat, status  # noqa: E402
 from textual_inversion_ext.ui.blocks import POLL_SECONDS  # noqa: E402
 from textual_inversion_ext.ui.controls import control_specs, params_from_values  # noqa: E402

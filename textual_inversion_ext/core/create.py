@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..backends.protocol import Backend
 from . import formats, tokens
+from .backend import Backend
 from .embedding import Embedding, validate_name
 from .errors import TIError
 from .params import param, validate

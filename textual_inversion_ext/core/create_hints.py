@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from . import tokens
+from .data.templates import PromptBuilder, TemplateError, split_tags
 from .embedding import trigger_word, validate_name
 from .errors import ScheduleError, TIError
-from .schedule import parse_schedule
-from .templates import PromptBuilder, TemplateError, split_tags
+from .training.schedule import parse_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def prompt_budget(template_lines: Sequence[str], num_vectors: int, captions: Ite
 def dataset_captions(folder: str | os.PathLike[str], recursive: bool = False) -> list[str]:
     """Every image's caption as training reads it (its .txt sidecar, else words of the file name),
     without decoding images. Reads files: the one function here that is not pure."""
-    from .captions import images_with_captions
-    from .images import caption_from_filename, decode_caption
+    from .data.captions import images_with_captions
+    from .data.images import caption_from_filename, decode_caption
 
     out = []
     for image, caption_file, exists in images_with_captions(folder, recursive=recursive):

@@ -14,8 +14,8 @@ from typing import Any
 import gradio as gr
 
 from ..core.create import CreateParams
-from ..core.preprocess import PreprocessParams
-from ..core.train_params import TrainParams
+from ..core.data.preprocess import PreprocessParams
+from ..core.training.train_params import TrainParams
 from . import compat, handlers, prep, status
 from .controls import ControlSpec, control_specs
 from .prep_blocks import preprocess_tab, wire_preprocess

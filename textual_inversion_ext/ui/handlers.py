@@ -17,10 +17,11 @@ from typing import Any
 from ..core import create_hints, formats
 from ..core.create import CreateParams
 from ..core.create_hints import Hint
-from ..core.errors import TIError
-from ..core.templates import load_template
-from ..core.train_params import TrainParams
+from ..core.data.templates import load_template
+from ..core.training.train_params import TrainParams
 from .controls import ControlSpec, params_from_values, values_of_record
+from .outcome import Outcome, run_guarded
+from .prep import check_summary
 
 logger = logging.getLogger(__name__)
 
@@ -110,30 +111,13 @@ def embedding_names(service: Any) -> list[str]:
         return []
 
 
-@dataclass
-class Outcome:
-    message: str
-    ok: bool
-
-
-def _run(action: str, fn: Any, *args: Any) -> tuple[Any, str | None]:
-    """Call `fn`; a TIError becomes its message, anything else a logged one-liner."""
-    try:
-        return fn(*args), None
-    except TIError as exc:
-        return None, str(exc)
-    except Exception as exc:
-        logger.exception("%s failed", action)
-        return None, f"{action} failed: {type(exc).__name__}: {exc} (details in the console log)."
-
-
 def create(service: Any, specs: Sequence[ControlSpec], values: Sequence[Any]) -> tuple[Outcome, list[str]]:
     """Create an embedding from the Create tab's values; returns the outcome and the new name list."""
     def go() -> str:
         params = params_from_values(CreateParams, specs, values)
         return service.create(params).message
 
-    message, error = _run("Create", go)
+    message, error = run_guarded("Create", go)
     return Outcome(error or message, error is None), embedding_names(service)
 
 
@@ -147,8 +131,6 @@ def start_training(service: Any, name: str | None, data_dir: str | None, specs: 
         return Outcome("Enter the dataset folder: images, with optional <image>.txt captions.", False)
 
     def go() -> str:
-        from .prep import check_summary
-
         params = params_from_values(TrainParams, specs, values)
         summary = check_summary(service, str(data_dir).strip(), subject or "", params.resolution)
         resume = {"resume_from": resume_from} if resume_from else {}
@@ -159,7 +141,7 @@ def start_training(service: Any, name: str | None, data_dir: str | None, specs: 
         lines = [f"Dataset check: {summary}." if summary else None, budget_warning(service, name, data_dir, params)]
         return "\n".join([*(line for line in lines if line), started])
 
-    message, error = _run("Train", go)
+    message, error = run_guarded("Train", go)
     return Outcome(error or message, error is None)
 
 
@@ -177,7 +159,7 @@ def budget_warning(service: Any, name: str, data_dir: Any, params: TrainParams) 
 
 
 def interrupt(service: Any) -> Outcome:
-    status, error = _run("Interrupt", service.interrupt)
+    status, error = run_guarded("Interrupt", service.interrupt)
     if error:
         return Outcome(error, False)
     return Outcome(status.get("message") or "Interrupt requested.", bool(status.get("active")))
@@ -201,7 +183,7 @@ def promote(service: Any, name: str | None, snapshot: str | None) -> Outcome:
         return Outcome("Choose the embedding whose snapshot to promote.", False)
     if not snapshot:
         return Outcome("Choose a snapshot to promote.", False)
-    done, error = _run("Promote", service.promote, name, snapshot)
+    done, error = run_guarded("Promote", service.promote, name, snapshot)
     return Outcome(error or done["message"], error is None)
 
 
@@ -220,7 +202,7 @@ def promote_best(service: Any, result: dict[str, Any] | None, name: str | None) 
 def promote_selected(service: Any, name: str | None, label: str | None) -> Outcome:
     if not name:
         return Outcome("Choose the embedding whose snapshot to promote.", False)
-    path, error = _run("Promote", snapshot_path, service, name, label)
+    path, error = run_guarded("Promote", snapshot_path, service, name, label)
     if error or path is None:
         return Outcome(error or ("Choose a snapshot to promote." if not label else
                                  f"No snapshot {label!r} of '{name}' any more; refresh the list."), False)
@@ -232,7 +214,7 @@ def resume_selected(service: Any, name: str | None, data_dir: str | None, specs:
     """Start training from the chosen snapshot (its step and optimizer state) with the current Train fields."""
     if not name:
         return Outcome("Choose an embedding to train (create one in the Create embedding tab).", False)
-    path, error = _run("Resume", snapshot_path, service, name, label)
+    path, error = run_guarded("Resume", snapshot_path, service, name, label)
     if error or path is None:
         return Outcome(error or "Choose a snapshot to resume from (the list shows the embedding's snapshots).",
                        False)
@@ -242,7 +224,7 @@ def resume_selected(service: Any, name: str | None, data_dir: str | None, specs:
 def render_grid(service: Any, name: str | None) -> Outcome:
     if not name:
         return Outcome("Choose the embedding whose last run to render.", False)
-    job, error = _run("Grid", service.start_grid, name)
+    job, error = run_guarded("Grid", service.start_grid, name)
     if error:
         return Outcome(error, False)
     return Outcome(f"Rendering the comparison grid of '{name}' (job {job.id}); it appears here when done.", True)
@@ -270,7 +252,7 @@ def save_preset(service: Any, preset: str | None, specs: Sequence[ControlSpec], 
         extra = {"data_dir": str(data_dir or "").strip(), "subject": str(subject or "")}
         return service.save_preset(str(preset).strip(), params, extra)["message"]
 
-    message, error = _run("Save preset", go)
+    message, error = run_guarded("Save preset", go)
     return Outcome(error or message, error is None)
 
 
@@ -294,7 +276,7 @@ def load_preset(service: Any, preset: str | None, specs: Sequence[ControlSpec]) 
         return LoadedPreset(Outcome(f"Loaded preset '{str(preset).strip()}'.", True), values,
                             extra.get("data_dir"), extra.get("subject"))
 
-    loaded, error = _run("Load preset", go)
+    loaded, error = run_guarded("Load preset", go)
     return LoadedPreset(Outcome(error, False)) if error else loaded
 
 

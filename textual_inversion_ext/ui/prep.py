@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import dataset_ops
-from ..core import captions
-from ..core.preprocess import PreprocessParams
+from ..core.data import captions
+from ..core.data.preprocess import PreprocessParams
 from .controls import ControlSpec, params_from_values
-from .handlers import Outcome, _run
+from .outcome import Outcome, run_guarded
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def start_preprocess(service: Any, specs: Sequence[ControlSpec], values: Sequenc
         job = service.start_preprocess(params)
         return f"Started preprocessing '{job.name}' (job {job.id}); progress below."
 
-    message, error = _run("Preprocess", go)
+    message, error = run_guarded("Preprocess", go)
     return Outcome(error or message, error is None)
 
 
@@ -68,7 +68,7 @@ def check_dataset(service: Any, folder: str | None, subject: str | None, resolut
     if not folder or not str(folder).strip():
         return "Enter the dataset folder to check."
     size = int(resolution or 0)
-    record, error = _run("Dataset check", service.check_dataset, str(folder).strip(), subject or "", size, size)
+    record, error = run_guarded("Dataset check", service.check_dataset, str(folder).strip(), subject or "", size, size)
     return error or dataset_ops.report_text(record)
 
 
@@ -101,7 +101,7 @@ def caption_page(service: Any, folder: str | None, page: Any = 1, per_page: int 
         number = max(1, int(page or 1))
     except (TypeError, ValueError):
         number = 1
-    record, error = _run("Caption list", service.caption_page, str(folder).strip(), number, per_page)
+    record, error = run_guarded("Caption list", service.caption_page, str(folder).strip(), number, per_page)
     if error:
         return CaptionView([], [], error)
     gallery, images, errors = [], [], []
@@ -141,7 +141,7 @@ def save_caption(service: Any, folder: str | None, image: str | None, text: str 
     if not image:
         return "Click an image first."
     root = str(folder).strip() if folder and str(folder).strip() else str(Path(image).parent)
-    record, error = _run("Save caption", lambda: service.caption_edit(root, "set", image=image, text=text or ""))
+    record, error = run_guarded("Save caption", lambda: service.caption_edit(root, "set", image=image, text=text or ""))
     return error or record["message"]
 
 
@@ -149,14 +149,14 @@ def bulk(service: Any, folder: str | None, op: str, **args: Any) -> str:
     """replace / strip_subject / prepend / append / undo over the whole folder (undoable)."""
     if not folder or not str(folder).strip():
         return "Enter the folder first."
-    record, error = _run(f"Caption {op}", lambda: service.caption_edit(str(folder).strip(), op, **args))
+    record, error = run_guarded(f"Caption {op}", lambda: service.caption_edit(str(folder).strip(), op, **args))
     return error or record["message"]
 
 
 def tag_table(service: Any, folder: str | None) -> str:
     if not folder or not str(folder).strip():
         return "Enter the folder first."
-    tags, error = _run("Tag frequency", service.caption_tags, str(folder).strip())
+    tags, error = run_guarded("Tag frequency", service.caption_tags, str(folder).strip())
     if error:
         return error
     return "\n".join(f"{n:5d}  {tag}" for tag, n in tags) or "No comma-separated tags in the captions."

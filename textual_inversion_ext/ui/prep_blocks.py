@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..core.preprocess import default_destination
+from ..core.data.preprocess import default_destination
 from . import compat, handlers, prep
 from .controls import ControlSpec
 from .widgets import build_controls

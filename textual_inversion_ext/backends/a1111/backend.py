@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen
 from ...core.embedding import SINGLE
 from ...core.errors import ModelError
-from ..protocol import LatentDist, ModelInfo, TrainingOptions, frozen
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ...core.captioners import CaptionerUnavailable, register_captioner
-from ...core.preprocess import Upscaler
+from ...core.data.captioners import CaptionerUnavailable, register_captioner
+from ...core.data.preprocess import Upscaler
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ... import __version__
-from ...core.train_params import TrainParams
+from ...core.training.train_params import TrainParams
 from ...service import Service
 from . import settings
 from .hooks import host_hooks

@@ -25,9 +25,9 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTextModel
 
+from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen
 from ...core.embedding import SINGLE
 from ...core.errors import ModelError
-from ..protocol import LatentDist, ModelInfo, TrainingOptions, frozen
 from . import splice
 
 logger = logging.getLogger(__name__)

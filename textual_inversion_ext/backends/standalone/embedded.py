@@ -9,8 +9,8 @@ import logging
 
 import torch
 
+from ...core.backend import ModelInfo
 from ...core.embedding import SINGLE
-from ..protocol import ModelInfo
 from .backend import StandaloneBackend
 from .models import ModelConfig, build_random, cast, model_config
 

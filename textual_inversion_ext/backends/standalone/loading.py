@@ -30,9 +30,9 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ...core.backend import ModelInfo
 from ...core.embedding import SINGLE
 from ...core.errors import ModelError
-from ..protocol import ModelInfo
 from .backend import StandaloneBackend
 from .models import ModelConfig, model_config
 

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .errors import TIError
-from .fileio import atomic_write_text
-from .params import from_record, to_record
+from ... import __version__
+from ..errors import TIError
+from ..fileio import atomic_write_text
+from ..params import from_record, to_record
 from .train_params import TrainParams
 
 logger = logging.getLogger(__name__)

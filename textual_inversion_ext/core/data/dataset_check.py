@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetError
+from ..errors import DatasetError
+from ..params import param, validate
 from .images import (
     CAPTION_SUFFIX,
     caption_from_filename,
@@ -33,7 +34,6 @@ from .images import (
     read_error_reason,
     to_rgb,
 )
-from .params import param, validate
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from ..backends.protocol import Backend
-from .fileio import atomic_path
-from .templates import PromptBuilder
+from ..backend import Backend
+from ..data.templates import PromptBuilder
+from ..fileio import atomic_path
 from .train_params import TrainParams
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import TIError
+from ..errors import TIError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from .errors import TIError
+from ..errors import TIError
 
 logger = logging.getLogger(__name__)
 

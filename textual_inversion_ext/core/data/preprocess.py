@@ -23,10 +23,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..errors import TIError
+from ..fileio import atomic_path, atomic_write_text
+from ..params import ParameterError, param, validate
 from . import crops
 from .captioners import Captioner, close_captioners, combined_caption, load_captioners
-from .errors import TIError
-from .fileio import atomic_path, atomic_write_text
 from .images import (
     CAPTION_SUFFIX,
     caption_index,
@@ -37,7 +38,6 @@ from .images import (
     read_error_reason,
     resize_and_crop,
 )
-from .params import ParameterError, param, validate
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..backends.protocol import Backend
-from . import formats
-from .errors import TIError
+from .. import formats
+from ..backend import Backend
+from ..errors import TIError
 from .previews import PreviewSettings
 
 logger = logging.getLogger(__name__)

@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 
-from ..backends.protocol import Backend, TrainingOptions
-from . import formats, health
-from .dataset import BatchOrder, TrainingSet, derive_seed
-from .embedding import Embedding
-from .errors import TrainingError
+from .. import formats
+from ..backend import Backend, TrainingOptions
+from ..data.dataset import BatchOrder, TrainingSet, derive_seed
+from ..data.templates import PromptBuilder
+from ..embedding import Embedding
+from ..errors import TrainingError
+from . import health
 from .grid import snapshot_step
 from .metrics import LossCsv, Progress, StepTimer
 from .previews import PreviewSettings, preview_prompts, save_png
 from .schedule import LRSchedule
-from .templates import PromptBuilder
 from .train_params import TrainParams
 from .validation import ValidationSet, ValidationTracker
 

@@ -28,7 +28,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .errors import ScheduleError
+from ..errors import ScheduleError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 if TYPE_CHECKING:
     import torch

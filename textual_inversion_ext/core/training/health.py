@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.protocol import Backend
-from .tokens import VOCAB_SIZE
+from ..backend import Backend
+from ..tokens import VOCAB_SIZE
 
 
 def vocabulary_median_norms(backend: Backend) -> dict[str, float]:

@@ -14,15 +14,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..backends.protocol import Backend
-from . import formats, grid, images
-from .dataset import TrainingSet, prepare
-from .errors import TIError
-from .fileio import atomic_write_text
-from .params import to_record, validate
+from ... import __version__
+from .. import formats
+from ..backend import Backend
+from ..data import images
+from ..data.dataset import TrainingSet, prepare
+from ..data.templates import load_template
+from ..errors import TIError
+from ..fileio import atomic_write_text
+from ..params import to_record, validate
+from . import grid
 from .previews import PreviewSettings, preview_prompts, save_png
-from .templates import load_template
 from .train_params import TrainParams
 from .trainer import ArtifactCallback, ProgressCallback, RunPaths, TrainResult, sidecar_path, train
 from .validation import split_indices

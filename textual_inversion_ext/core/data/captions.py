@@ -24,8 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import TIError
-from .fileio import atomic_path, atomic_write_bytes, atomic_write_text
+from ..errors import TIError
+from ..fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from .images import (
     CAPTION_SUFFIX,
     IMAGE_SUFFIXES,

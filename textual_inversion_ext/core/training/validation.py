@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.protocol import Backend
-from .dataset import TrainingSet, derive_seed
-from .errors import DatasetError
-from .templates import PromptBuilder
+from ..backend import Backend
+from ..data.dataset import TrainingSet, derive_seed
+from ..data.templates import PromptBuilder
+from ..errors import DatasetError
 
 # Independent of the training seed on purpose: two runs with different seeds get the same set.
 VALIDATION_SEED = 0x5EED

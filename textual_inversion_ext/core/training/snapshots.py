@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import formats
-from .errors import TIError
-from .fileio import atomic_path, atomic_write_text
+from .. import formats
+from ..errors import TIError
+from ..fileio import atomic_path, atomic_write_text
 from .grid import snapshot_files, snapshot_step
 from .trainer import sidecar_path
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..backends.protocol import Backend
+from ..backend import Backend
+from ..errors import DatasetError
 from . import images
-from .errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
