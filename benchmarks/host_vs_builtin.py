@@ -184,7 +184,8 @@ def main() -> int:
     api(base, "/sdapi/v1/options", {"training_write_csv_every": 1})
     extra = {} if args.attention == "host" else {"attention_optimizations": args.attention == "on"}
     try:
-        with tempfile.TemporaryDirectory(prefix="tiext-bench-") as tmp:
+        # Under the web UI's data folder: our API only reads datasets from its allowed folders.
+        with tempfile.TemporaryDirectory(prefix="tiext-bench-", dir=webui_dir) as tmp:
             data = make_dataset(Path(tmp) / "data", args.size)
             host = run_host(base, webui_dir, pid, data, args.size, args.steps, Path(tmp))
             if args.restart:  # options set through the API persist in config.json across the restart

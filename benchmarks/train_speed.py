@@ -4,13 +4,22 @@ Same model, same images, same seed, same steps. Each (config, loop) runs in its 
 peak memory is measured cleanly; the parent prints steps/s, peak memory and ratios against ours.
 
   ours                    core.training.trainer.train: frozen model, SDPA attention, no checkpointing,
-                          latents cached once, no per-step host sync
+                          latents cached once, no per-step host sync; steps only (validation off)
+  ours-defaults           the same with the default validation (its budget, every N, set size): the
+                          timed window also holds every validation pass of the run (step 0 and the end
+                          included); it also projects the default validation's share over a run of the
+                          default length (with and without the budget) from the measured cost of a
+                          validation sample
   a1111-style             UNet weights require grad (the host never freezes them), gradient
                           checkpointing on, plain attention, `.item()` after every micro-batch
   diffusers-example-style the whole token-embedding matrix trainable with the other rows restored
                           after every step, the VAE encoding every step (diffusers' example script)
 
+Wall time: other processes on the machine slow every loop (each line shows the load average), so
+compare the ratios of one run, not numbers across runs.
+
   python benchmarks/train_speed.py --config tiny
+  python benchmarks/train_speed.py --config tiny --loops ours,ours-defaults
   python benchmarks/train_speed.py --config sd15 --size 256 --steps 4 --warmup 1
   python benchmarks/train_speed.py --config sd15 --size 512 --device cuda
 """
@@ -33,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LOOPS = ("ours", "a1111-style", "diffusers-example-style")
+LOOPS = ("ours", "ours-defaults", "a1111-style", "diffusers-example-style")
 NAME = "bench-token"
 
 
@@ -73,6 +82,7 @@ class Timer:
 
     def __init__(self, device: torch.device, warmup: int) -> None:
         self.device, self.warmup, self.start, self.end = device, warmup, None, None
+        self.extra = 0.0  # seconds outside the window that belong to it (validation before the first step)
 
     def step_done(self, step: int) -> None:
         if self.device.type == "cuda":
@@ -84,15 +94,84 @@ class Timer:
         self.end = time.perf_counter()
 
 
-def run_ours(backend, data, emb, args, timer: Timer, tmp: Path) -> None:
+LINES = ["a photo of [name], [filewords]"]
+
+
+def run_ours(backend, data, emb, args, timer: Timer, tmp: Path, defaults: bool) -> dict:
+    """Steps only (validation off), or with the default validation: then every validation pass counts,
+    the ones before the timed window (step 0) added to it."""
+    from textual_inversion_ext.core.training import validation
     from textual_inversion_ext.core.training.train_params import TrainParams
     from textual_inversion_ext.core.training.trainer import RunPaths, train
 
     params = TrainParams(max_steps=args.warmup + args.steps, save_every=0, preview_every=0, csv_every=0,
-                         save_optimizer_state=False, seed=0, template="subject_filewords")
-    lines = ["a photo of [name], [filewords]"]
-    train(backend, emb, data, params, RunPaths(tmp / "final.pt", tmp / "log"), template_lines=lines,
-          progress=lambda p: timer.step_done(p.step))
+                         save_optimizer_state=False, seed=0, template="subject_filewords", comparison_grid=False,
+                         **({} if defaults else {"val_every": 0}))
+    spent = {"passes": 0, "samples": 0, "seconds": 0.0, "before_window": 0.0}
+    original = validation.ValidationSet.loss
+
+    def timed_loss(self, *a, **kw):  # the benchmark's own probe, not the trainer's
+        start = time.perf_counter()
+        try:
+            return original(self, *a, **kw)
+        finally:
+            if timer.device.type == "cuda":
+                torch.cuda.synchronize()
+            took = time.perf_counter() - start
+            spent["passes"] += 1
+            spent["samples"] += len(self)
+            spent["seconds"] += took
+            if timer.start is None:
+                spent["before_window"] += took
+
+    if defaults:  # the model's first forward pays one-time costs, in every other loop inside the warm-up steps
+        warm = validation.ValidationSet(backend, data, NAME, LINES, timesteps_per_image=1, samples=1)
+        warm.loss({k: v.to(backend.device) for k, v in emb.vectors.items()})
+    validation.ValidationSet.loss = timed_loss
+    try:
+        result = train(backend, emb, data, params, RunPaths(tmp / "final.pt", tmp / "log"), template_lines=LINES,
+                       progress=lambda p: timer.step_done(p.step))
+    finally:
+        validation.ValidationSet.loss = original
+    if not defaults:
+        return {}
+    timer.end = time.perf_counter()  # the end-of-run validation counts too
+    timer.extra = spent["before_window"]
+    return {"validation_passes": spent["passes"], "validation_samples": spent["samples"],
+            "validation_s": round(spent["seconds"], 3),
+            "validation_plan": result.validation_plan.note if result.validation_plan else None}
+
+
+def project_default_validation(backend, data, emb, s_per_step: float, run: dict) -> dict:
+    """The default validation's share of a default-length run: with the budget (the plan the trainer makes)
+    and without it (every image × timestep at every N steps). The cost of a validation sample comes from the
+    run's own passes, or, when the run was too short to validate, from the median of 3 passes after it."""
+    from textual_inversion_ext.core.training.train_params import TrainParams
+    from textual_inversion_ext.core.training.validation import ValidationSet, count_passes, plan_for
+
+    p = TrainParams()
+    plan = plan_for(p, 0, p.max_steps, len(data))
+    sample_set = ValidationSet(backend, data, NAME, LINES, timesteps_per_image=p.val_timesteps,
+                               samples=plan.samples, batch_size=max(4, 2 * p.batch_size))
+    if run["validation_samples"]:
+        per_sample, source = run["validation_s"] / run["validation_samples"], "this run's passes"
+    else:
+        vectors = {k: v.to(backend.device) for k, v in emb.vectors.items()}
+        sample_set.loss(vectors)  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            sample_set.loss(vectors)
+            if backend.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) / len(sample_set))
+        per_sample, source = sorted(times)[1], "3 passes after the run"
+    train_s = p.max_steps * s_per_step
+    unbudgeted = count_passes(0, p.max_steps, p.val_every) * len(data) * p.val_timesteps * per_sample
+    return {"projected_steps": p.max_steps, "projected_plan": plan.note,
+            "validation_s_per_sample": round(per_sample, 4), "validation_cost_from": source,
+            "projected_share": round(plan.passes * plan.samples * per_sample / train_s, 4),
+            "projected_share_without_budget": round(unbudgeted / train_s, 4)}
 
 
 def run_a1111_style(backend, data, emb, args, timer: Timer) -> None:
@@ -181,17 +260,23 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
         base_rss = rss_mb()
         timer = Timer(device, args.warmup)
-        if args.loop == "ours":
-            run_ours(backend, data, emb, args, timer, tmp)
+        extra = {}
+        if args.loop in ("ours", "ours-defaults"):
+            extra = run_ours(backend, data, emb, args, timer, tmp, defaults=args.loop == "ours-defaults")
         elif args.loop == "a1111-style":
             run_a1111_style(backend, data, emb, args, timer)
         else:
             run_diffusers_style(backend, data, emb, args, timer, pixels)
-    elapsed = timer.end - timer.start
+        elapsed = timer.end - timer.start + timer.extra
+        if args.loop == "ours-defaults":
+            steps_only = (elapsed - extra["validation_s"]) / args.steps
+            extra.update(project_default_validation(backend, data, emb, steps_only, extra))
     result = {
         "config": args.config, "loop": args.loop, "size": size, "device": args.device,
         "steps": args.steps, "steps_per_s": args.steps / elapsed, "s_per_step": elapsed / args.steps,
         "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_training_mb": round(base_rss, 1),
+        # Wall time: other processes on the machine slow every loop; the load shows how busy it was.
+        "load_avg_1min": round(os.getloadavg()[0], 2), **extra,
     }
     if device.type == "cuda":
         result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -225,13 +310,19 @@ def main() -> int:
         r = results[-1]
         print(f"{loop:>24}: {r['steps_per_s']:.3f} steps/s ({r['s_per_step']:.3f} s/step), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f", peak CUDA {r['peak_cuda_mb']:.0f} MB"
-                                                      if "peak_cuda_mb" in r else ""), flush=True)
-    ours = next((r for r in results if r["loop"] == "ours"), None)
-    if ours:
+                                                      if "peak_cuda_mb" in r else "")
+              + f", load {r['load_avg_1min']:.1f}", flush=True)
+        if "validation_passes" in r:
+            print(f"{'':>26}this run: {r['validation_passes']} validation pass(es), {r['validation_s']:.2f} s; "
+                  f"{r['validation_plan']}\n{'':>26}default validation over {r['projected_steps']} steps: "
+                  f"{r['projected_share']:.1%} of the training time ({r['projected_share_without_budget']:.0%} "
+                  f"without the budget); {r['validation_s_per_sample']:.3f} s per validation sample "
+                  f"({r['validation_cost_from']})", flush=True)
+    for ours in (r for r in results if r["loop"].startswith("ours")):
         mem_key = "peak_cuda_mb" if "peak_cuda_mb" in ours else "peak_rss_mb"
-        print(f"\nconfig {args.config}, {ours['size']} px, {args.device}; ratios = ours / peer")
+        print(f"\nconfig {args.config}, {ours['size']} px, {args.device}; ratios = {ours['loop']} / peer")
         for r in results:
-            if r is ours:
+            if r["loop"].startswith("ours"):
                 continue
             print(f"  vs {r['loop']:<24} speed {ours['steps_per_s'] / r['steps_per_s']:.2f}x   "
                   f"peak memory {ours[mem_key] / r[mem_key]:.2f}x")

@@ -17,8 +17,8 @@ class FaultyBackend:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def training_loss(self, *args):
-        loss = self._inner.training_loss(*args)
+    def training_loss(self, *args, **kwargs):
+        loss = self._inner.training_loss(*args, **kwargs)
         if not torch.is_grad_enabled():  # the validation loss: not a training call
             return loss
         self.calls += 1

@@ -21,6 +21,7 @@ from PIL import Image
 
 from textual_inversion_ext.core.backend import LatentDist, ModelInfo
 from textual_inversion_ext.core.tokens import VOCAB_SIZE
+from textual_inversion_ext.core.training.loss import per_sample_loss
 
 DIM, LATENT = 8, 8  # embedding width; latent side (64 px images, 8x "VAE")
 
@@ -28,6 +29,7 @@ DIM, LATENT = 8, 8  # embedding width; latent side (64 px images, 8x "VAE")
 class LinearBackend:
     info = ModelInfo(family="sd1", encoders={"default": DIM}, resolution=64, name="linear", short_hash="1inear0000")
     device = torch.device("cpu")
+    weight_dtype = torch.float32
     num_train_timesteps = 1000
 
     def __init__(self, seed: int = 0) -> None:
@@ -53,14 +55,15 @@ class LinearBackend:
         return LatentDist(latent, torch.zeros_like(latent))
 
     def training_loss(self, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
+                      timesteps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         # The clean-latent error: what a diffusion loss measures once noise and timestep are factored out,
         # so one training image gives a smooth curve.
         predicted = (cond @ self.decoder.T).view_as(latents)
-        return (predicted - latents).pow(2).mean(dim=(1, 2, 3))
+        return per_sample_loss(predicted, latents, weight)
 
     def preview(self, prompt: str, trigger: str, vectors: dict[str, torch.Tensor], *, seed: int, steps: int,
-                width: int, height: int, cfg_scale: float, negative_prompt: str = "", sampler: str = "") -> Image.Image:
+                width: int, height: int, cfg_scale: float, negative_prompt: str = "", sampler: str = "",
+                should_stop=None) -> Image.Image:
         latent = (self.encode_text([prompt], trigger, vectors) @ self.decoder.T).view(4, LATENT, LATENT)
         rgb = ((latent[:3].clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).numpy()
         return Image.fromarray(rgb).resize((width, height))

@@ -18,6 +18,7 @@ class StubBackend:
 
     info = ModelInfo(family="sd1", encoders={"default": 8}, resolution=64, name="stub", short_hash="0123456789")
     device = torch.device("cpu")
+    weight_dtype = torch.float32
 
     def token_rows(self, token_ids):
         return {"default": torch.arange(len(token_ids) * 8, dtype=torch.float32).reshape(len(token_ids), 8)}

@@ -45,7 +45,8 @@ def test_options_registered_namespaced_in_our_section(host):
 
     settings.register_options()
     labels = host.shared.opts.data_labels
-    assert sorted(labels) == ["tiext_log_dir", "tiext_preview_every", "tiext_preview_steps", "tiext_save_every"]
+    assert sorted(labels) == ["tiext_api_roots", "tiext_log_dir", "tiext_preview_every", "tiext_preview_steps",
+                              "tiext_save_every"]
     assert {(i.section, i.category_id) for i in labels.values()} == {
         (("textual_inversion_ext", "Textual Inversion (extension)"), "training")}
 
@@ -156,17 +157,30 @@ def test_medvram_is_allowed(host, monkeypatch):
     assert check_supported(SimpleNamespace(is_sdxl=False, is_sd1=False, is_sd2=True), host.shared.cmd_opts) == "sd2"
 
 
-def test_auto_precision_follows_the_host_dtype(host, monkeypatch):
+def _sd1_model(dtype: torch.dtype) -> SimpleNamespace:
+    """Enough of a host SD1 model for A1111Backend's set-up: the CLIP token table in the loaded dtype."""
+    table = torch.nn.Embedding(16, 8).to(dtype)
+    text_model = SimpleNamespace(embeddings=SimpleNamespace(token_embedding=table))
+    return SimpleNamespace(is_sdxl=False, is_sd1=True, is_sd2=False,
+                           cond_stage_model=SimpleNamespace(transformer=SimpleNamespace(text_model=text_model)))
+
+
+def test_precision_follows_the_dtype_the_host_loaded(host, monkeypatch):
+    """The backend reports the host's weight dtype; core's resolve_precision decides (no host-side rewrite)."""
     from modules import devices
 
-    glue = host.glue
-    assert glue.host_precision(TrainParams()).precision == "fp32"  # CPU
+    from textual_inversion_ext.backends.a1111.backend import A1111Backend
+    from textual_inversion_ext.core.training.precision import resolve_precision
+
+    assert host.glue.get_service().before_training(TrainParams()).precision == "auto"  # left to the core
     monkeypatch.setattr(devices, "device", torch.device("cuda"))
-    monkeypatch.setattr(devices, "dtype", torch.float16)
-    assert glue.host_precision(TrainParams()).precision == "fp16"  # the host's half model
-    monkeypatch.setattr(devices, "dtype", torch.float32)
-    assert glue.host_precision(TrainParams()).precision == "fp32"  # --no-half
-    assert glue.host_precision(TrainParams(precision="bf16")).precision == "bf16"  # explicit wins
+    half = A1111Backend(_sd1_model(torch.float16))  # the host's default half model
+    assert half.weight_dtype == torch.float16
+    assert resolve_precision(TrainParams(), half).autocast == torch.float16
+    with pytest.raises(ParameterError, match=r"loaded in fp16.*--no-half"):  # was: fp16 weights, no autocast
+        resolve_precision(TrainParams(precision="fp32"), half)
+    full = A1111Backend(_sd1_model(torch.float32))  # --no-half
+    assert resolve_precision(TrainParams(), full).autocast is None
 
 
 def test_register_adds_callbacks_and_tabs_wrap_a_blocks(host, monkeypatch):
@@ -186,3 +200,65 @@ def test_api_auth_credentials_like_the_host():
     from textual_inversion_ext.backends.a1111.glue import parse_credentials
 
     assert parse_credentials("alice:secret, bob:p:w") == {"alice": "secret", "bob": "p:w"}
+
+
+# ------------------------------------------------------------------ REST exposure (issue 12.1)
+
+
+@pytest.fixture
+def registered(host, monkeypatch):
+    """on_app_started with register_routes recorded instead of needing FastAPI: [(service, access), ...]."""
+    from textual_inversion_ext import api
+
+    calls = []
+    monkeypatch.setattr(api, "register_routes", lambda app, service, dependencies=(), *, access=None:
+                        calls.append((service, access)))
+    return calls
+
+
+@pytest.mark.parametrize(("flags", "served"), [({}, False), ({"api": True}, True), ({"nowebui": True}, True)])
+def test_routes_registered_only_with_api_like_the_hosts(host, registered, monkeypatch, flags, served):
+    for key, value in flags.items():
+        monkeypatch.setattr(host.shared.cmd_opts, key, value, raising=False)
+    host.glue.on_app_started(None, object())
+    assert len(registered) == (1 if served else 0)
+
+
+def test_api_roots_are_the_hosts_folders_and_the_setting(host, registered, monkeypatch):
+    from textual_inversion_ext.backends.a1111 import settings
+
+    monkeypatch.setattr(host.shared.cmd_opts, "api", True, raising=False)
+    settings.register_options()
+    host.glue.on_app_started(None, object())
+    (_service, access), = registered
+    emb = Path(host.shared.cmd_opts.embeddings_dir)
+    assert access.roots() == [host.tmp, emb, host.tmp / "textual_inversion_ext"]
+    assert access.write_refusal is None  # 127.0.0.1 only
+    host.shared.opts.tiext_api_roots = " /srv/datasets ; ~/pictures\nrelative ;"  # read per request
+    assert access.roots()[3:] == [Path("/srv/datasets"), Path.home() / "pictures", host.tmp / "relative"]
+    status, reply = api_dispatch(access, host.tmp.parent / "elsewhere")
+    assert status == 403 and "tiext_api_roots" in reply["error"] and "Textual Inversion (extension)" in reply["error"]
+
+
+def api_dispatch(access, folder):
+    from textual_inversion_ext import api
+
+    return api.dispatch(api.caption_tags, None, {"folder": str(folder)}, access)
+
+
+@pytest.mark.parametrize(("flags", "refused"), [
+    ({"listen": True}, True), ({"share": True}, True), ({"server_name": "0.0.0.0"}, True),
+    ({"listen": True, "api_auth": "me:pw"}, False), ({"server_name": "127.0.0.1"}, False),
+])
+def test_write_routes_refused_when_listening_beyond_loopback_without_api_auth(host, registered, monkeypatch,
+                                                                               flags, refused):
+    monkeypatch.setattr(host.shared.cmd_opts, "api", True, raising=False)
+    monkeypatch.setattr(host.glue, "api_dependencies", list)  # basic auth needs FastAPI; tested on the host
+    for key, value in flags.items():
+        monkeypatch.setattr(host.shared.cmd_opts, key, value, raising=False)
+    host.glue.on_app_started(None, object())
+    (_service, access), = registered
+    assert (access.write_refusal is not None) == refused
+    if refused:
+        assert "--api-auth" in access.write_refusal
+

@@ -87,3 +87,27 @@ def test_create_with_more_tokens_than_vectors_says_what_it_did(tmp_path, capsys)
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 vectors" in out and "vintage" in out  # the pooling message names the words
+
+
+@pytest.mark.parametrize(("flag", "device", "precision", "loaded"), [
+    ("auto", "cuda", "auto", "fp16"), ("auto", "cuda:1", "auto", "fp16"), ("auto", "cpu", "auto", "fp32"),
+    ("auto", "cuda", "bf16", "bf16"), ("auto", "cuda", "fp32", "fp32"),  # auto follows an explicit --precision
+    ("auto", "cpu", "fp16", "fp32"),  # CPU: fp32 weights, fp16 autocast (opt-in)
+    ("bf16", "cpu", "auto", "bf16"), ("fp32", "cuda", "auto", "fp32"),  # an explicit --dtype wins
+])
+def test_dtype_flag_chooses_the_frozen_weights_dtype(flag, device, precision, loaded):
+    from textual_inversion_ext.cli import weight_dtype_name
+
+    assert weight_dtype_name(flag, device, precision) == loaded
+
+
+def test_dtype_flag_loads_the_standalone_model_in_that_dtype():
+    from textual_inversion_ext.cli import load_backend
+
+    args = build_parser().parse_args(["train", "e.pt", "data", "--device", "cpu", "--dtype", "bf16"])
+    backend = load_backend(args)
+    assert backend.weight_dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for m in (backend.unet, backend.vae, backend.text_encoder)
+               for p in m.parameters())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "e.pt", "data", "--dtype", "fp8"])

@@ -17,7 +17,7 @@ from textual_inversion_ext.core.training.train_params import TrainParams
 from textual_inversion_ext.core.training.trainer import sidecar_path
 from textual_inversion_ext.service import Service
 
-FAST = dict(max_steps=6, save_every=3, preview_every=0, val_every=3, csv_every=1, comparison_grid=False,
+FAST = dict(max_steps=6, save_every=3, preview_every=0, val_every=3, val_budget=0.0, csv_every=1, comparison_grid=False,
             preview_steps=2, learn_rate="0.05")
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from _faults import FaultyBackend
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams, create_embedding
+from textual_inversion_ext.core.data.dataset import TrainingSet
 from textual_inversion_ext.core.errors import TrainingError
 from textual_inversion_ext.core.training.run import RunRequest, run_training
 from textual_inversion_ext.core.training.train_params import TrainParams
@@ -124,9 +126,82 @@ def test_same_seed_same_vectors_other_seed_differs(tiny_backend, demo_data, tmp_
     assert not torch.equal(results[0], results[2])
 
 
-def test_pin_memory_is_a_no_op_on_cpu_and_changes_nothing(tiny_backend, demo_data, tmp_path):
-    # Pinning needs CUDA; on a CPU device the run must be identical to an unpinned one.
-    a, b = (fresh_embedding(tiny_backend, tmp_path / d) for d in ("a", "b"))
-    run(tiny_backend, a, demo_data, tmp_path / "a", params(max_steps=3))
-    run(tiny_backend, b, demo_data, tmp_path / "b", params(max_steps=3, pin_memory=True))
-    assert torch.equal(formats.load_embedding(a).embedding.single(), formats.load_embedding(b).embedding.single())
+def _pinned_runs(backend, data, tmp_path, monkeypatch) -> tuple[list[bool], torch.Tensor, torch.Tensor]:
+    """(per call of TrainingSet.pin: were all cached latents pinned after it, unpinned vectors, pinned vectors)."""
+    calls: list[bool] = []
+    original = TrainingSet.pin
+
+    def spy(self):
+        original(self)
+        calls.append(all(c.sample.is_pinned() and c.mean.is_pinned() for v in self.latents for c in v.values()))
+
+    monkeypatch.setattr(TrainingSet, "pin", spy)
+    a, b = (fresh_embedding(backend, tmp_path / d) for d in ("a", "b"))
+    run(backend, a, data, tmp_path / "a", params(max_steps=3, val_every=0))
+    assert calls == []  # off by default
+    run(backend, b, data, tmp_path / "b", params(max_steps=3, val_every=0, pin_memory=True))
+    return calls, formats.load_embedding(a).embedding.single(), formats.load_embedding(b).embedding.single()
+
+
+def test_pin_memory_is_skipped_on_cpu_and_changes_nothing(tiny_backend, demo_data, tmp_path, monkeypatch):
+    # Page-locking needs CUDA: on a CPU device the setting is ignored and the run is the unpinned one.
+    calls, plain, pinned = _pinned_runs(tiny_backend, demo_data, tmp_path, monkeypatch)
+    assert calls == []
+    assert torch.equal(plain, pinned)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pin_memory_pins_the_cached_latents_on_cuda(demo_data, tmp_path, monkeypatch):
+    from textual_inversion_ext.backends.standalone import embedded_default
+
+    backend = embedded_default("tiny", device="cuda")
+    calls, plain, pinned = _pinned_runs(backend, demo_data, tmp_path, monkeypatch)
+    assert calls == [True]  # pinned once, before the loop, every cached latent
+    # Same numbers up to CUDA's run-to-run noise (fp16 autocast, atomics: ~1e-4 after 3 steps on an H200); a copy
+    # that raced the compute would be off by the vectors' whole movement (~3e-2 at this learning rate).
+    torch.testing.assert_close(plain, pinned, rtol=0, atol=1e-3)
+
+
+class _HugeGradientBackend:
+    """The wrapped backend with its training loss scaled by 1e6, so every gradient is far above a clip value."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def training_loss(self, *args):
+        loss = self._inner.training_loss(*args)
+        return loss * 1e6 if torch.is_grad_enabled() else loss
+
+
+def _gradients_seen_by_the_optimizer(backend, data, tmp_path, **kw) -> list[torch.Tensor]:
+    """The flattened gradient of the trainable vectors at every optimizer step (after any clipping)."""
+    seen: list[torch.Tensor] = []
+
+    def before_step(optimizer, args, kwargs):
+        seen.append(torch.cat([p.grad.detach().flatten().clone() for g in optimizer.param_groups
+                               for p in g["params"] if p.grad is not None]))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        emb = fresh_embedding(backend, tmp_path)
+        out = run(backend, emb, data, tmp_path, params(max_steps=3, val_every=0, **kw))
+    finally:
+        handle.remove()
+    assert out.result.status == "finished" and len(seen) == 3
+    return seen
+
+
+def test_clipping_bounds_the_gradient_the_optimizer_steps_on(tiny_backend, demo_data, tmp_path):
+    huge = _HugeGradientBackend(tiny_backend)
+    unclipped = _gradients_seen_by_the_optimizer(huge, demo_data, tmp_path / "off")
+    assert min(float(g.norm()) for g in unclipped) > 100  # clipping at 0.5 has work to do
+    by_norm = _gradients_seen_by_the_optimizer(huge, demo_data, tmp_path / "norm",
+                                               clip_grad_mode="norm", clip_grad_value="0.5")
+    assert all(0.49 < float(g.norm()) <= 0.5 * (1 + 1e-5) for g in by_norm)
+    by_value = _gradients_seen_by_the_optimizer(huge, demo_data, tmp_path / "value",
+                                                clip_grad_mode="value", clip_grad_value="0.01")
+    assert all(float(g.abs().max()) <= 0.01 for g in by_value)
+    assert all(float(g.abs().max()) == pytest.approx(0.01) for g in by_value)  # the large components were cut

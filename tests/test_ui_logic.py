@@ -416,7 +416,8 @@ def test_resume_and_grid_handlers(tmp_path):
         def start_grid(self, name, log_dir=None, prompts=""):
             if name == "none":
                 raise TIError("'none' has no training runs under /logs.")
-            return type("Job", (), {"id": "grid-3", "name": name})()
+            return type("Job", (), {"id": "grid-3", "name": name, "message": "Comparison grid: 6 images × 20 "
+                                    "sampling steps, about 2 min. Interrupt skips it."})()
 
     service = Resuming(snapshots={"toy": snaps})
     service.started = []
@@ -429,6 +430,7 @@ def test_resume_and_grid_handlers(tmp_path):
 
     grid = handlers.render_grid(service, "toy")
     assert grid.ok and "(job grid-3)" in grid.message
+    assert "6 images × 20 sampling steps, about 2 min. Interrupt skips it." in grid.message  # told before it runs
     assert handlers.render_grid(service, "none").message == "'none' has no training runs under /logs."
 
 

@@ -1,8 +1,10 @@
 """REST API under /textual-inversion-ext/v1/: plain handlers over `Service`, and their FastAPI routes.
 
 Each handler is `(service, body) -> dict` and raises `ApiError` (status + message), so the handlers
-are tested without FastAPI; `register_routes` (FastAPI imported lazily) turns every failure into
-JSON `{"error": message}` with a 4xx status — never a 500 with a trace.
+are tested without FastAPI; `dispatch` turns every failure into JSON `{"error": message}`: a 4xx for
+what the caller can fix, a 500 (the trace in the server log, never in the reply) for a bug.
+With an `ApiAccess` (the A1111 glue passes one), folder arguments must lie under its roots and write
+routes can be refused (403); `register_routes` (FastAPI imported lazily) serves them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .api_access import AccessDenied, ApiAccess
 from .core.create import CreateParams
-from .core.data.preprocess import PreprocessParams
+from .core.data.preprocess import PreprocessParams, default_destination
 from .core.errors import TIError
 from .core.params import ParameterError, fields_of, from_record, json_schema
 from .core.training.train_params import TrainParams
@@ -236,7 +240,8 @@ def interrupt(service: Service, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def embeddings(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    return {"embeddings_dir": str(service.embeddings_dir), "embeddings": service.list_embeddings()}
+    found, skipped = service.scan_embeddings()  # skipped: [{"file", "error"}] for files that could not be read
+    return {"embeddings_dir": str(service.embeddings_dir), "embeddings": found, "skipped": skipped}
 
 
 def schema(service: Service, body: dict[str, Any]) -> dict[str, Any]:
@@ -285,6 +290,35 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/interrupt", interrupt),
 )
 
+# Routes that write files or start/stop jobs: refused when the server is exposed without a password.
+WRITES = frozenset({create, train, preprocess, caption_edit, promote, grid, preset_save, interrupt})
+# Body fields that name a file or folder on the server: resolved under the allowed roots first.
+PATHS: dict[Handler, tuple[str, ...]] = {
+    train: ("data_dir", "resume_from", "template"), preprocess: ("source", "destination"),
+    check: ("folder",), captions: ("folder",), caption_edit: ("folder",), caption_tags: ("folder",),
+    promote: ("snapshot",), grid: ("log_dir",), create_hints: ("template",),
+}
+
+
+def _names_a_file(key: str, value: str) -> bool:
+    """A template is a name among the built-ins unless it has a folder part; other fields are always paths."""
+    return key != "template" or Path(value).is_absolute() or len(Path(value).parts) > 1
+
+
+def guard(access: ApiAccess, handler: Handler, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with every path field resolved under the allowed roots, or AccessDenied (a 403)."""
+    if handler in WRITES:
+        access.check_write()
+    body = dict(body)
+    for key in PATHS.get(handler, ()):
+        value = body.get(key)
+        if isinstance(value, str) and value.strip() and _names_a_file(key, value):
+            body[key] = access.check_path(key, value)
+    if handler is preprocess and isinstance(body.get("source"), str) and not body.get("destination"):
+        # The default destination (`<source>-Processed`) is a sibling of the source: check it too.
+        body["destination"] = access.check_path("destination", str(default_destination(body["source"])))
+    return body
+
 
 def _json_safe(value: Any) -> Any:
     """Non-finite floats become null (strict JSON encoders refuse NaN)."""
@@ -297,14 +331,20 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def dispatch(handler: Handler, service: Service, body: Any) -> tuple[int, dict[str, Any]]:
-    """Run a handler; every failure becomes (4xx, {"error": message}) — unexpected ones (500) log a trace."""
+def dispatch(handler: Handler, service: Service, body: Any,
+             access: ApiAccess | None = None) -> tuple[int, dict[str, Any]]:
+    """Run a handler (after `guard` when `access` is given); every failure becomes (status, {"error": message})
+    — 4xx for the caller's mistakes, 500 for unexpected ones, whose trace goes to the log only."""
     if body is None:
         body = {}
     if not isinstance(body, dict):
         return 422, {"error": "The request body must be a JSON object."}
     try:
+        if access is not None:
+            body = guard(access, handler, body)
         return 200, _json_safe(handler(service, body))
+    except AccessDenied as exc:
+        return 403, {"error": str(exc)}
     except ApiError as exc:
         return exc.status, {"error": exc.message}
     except BusyError as exc:
@@ -319,8 +359,9 @@ def dispatch(handler: Handler, service: Service, body: Any) -> tuple[int, dict[s
 
 
 def register_routes(app: Any, service: Service, dependencies: Sequence[Any] = (), *,
-                    debug: bool = False) -> None:
-    """Add the routes to a FastAPI app (the host's); `dependencies`, e.g. HTTP basic auth, apply to all."""
+                    access: ApiAccess | None = None) -> None:
+    """Add the routes to a FastAPI app (the host's); `dependencies`, e.g. HTTP basic auth, apply to all;
+    `access`: the folder roots and write refusal every request is checked against (see `guard`)."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
@@ -340,42 +381,15 @@ def register_routes(app: Any, service: Service, dependencies: Sequence[Any] = ()
             # The handlers block on disk and (create) the model: run them off the event loop.
             from starlette.concurrency import run_in_threadpool
 
-            status, content = await run_in_threadpool(dispatch, handler, service, body)
+            status, content = await run_in_threadpool(dispatch, handler, service, body, access)
             return JSONResponse(content, status_code=status)
 
         serve.__annotations__ = {"request": Request, "return": JSONResponse}
         serve.__name__ = f"tiext_{handler.__name__}"
         return serve
 
-    routes = list(ROUTES)
-    if debug:
-        routes += [("GET", "/debug/model", debug_model), ("POST", "/debug/fail", debug_fail)]
-    for method, path, handler in routes:
+    for method, path, handler in ROUTES:
         app.add_api_route(PREFIX + path, endpoint(method, handler), methods=[method],
                           dependencies=list(dependencies), include_in_schema=True)
-    logger.info("Textual Inversion API: %d routes under %s", len(routes), PREFIX)
+    logger.info("Textual Inversion API: %d routes under %s", len(ROUTES), PREFIX)
 
-
-# ------------------------------------------------------------------ debug (TIEXT_DEBUG=1 only)
-
-
-def debug_model(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    """The backend's model state (frozen weights, options in force) — for tests of the host backend."""
-    backend = service.backend()
-    state = getattr(backend, "debug_state", None)
-    if state is None:
-        raise ApiError(404, "This backend has no debug state.")
-    return state()
-
-
-def debug_fail(service: Service, body: dict[str, Any]) -> dict[str, Any]:
-    """Arm one injected failure inside the training loop after `after` loss evaluations."""
-    after = body.get("after")
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-        raise ApiError(422, "'after' must be a non-negative integer.")
-    backend = service.backend()
-    arm = getattr(backend, "arm_failure", None)
-    if arm is None:
-        raise ApiError(404, "This backend cannot inject failures.")
-    arm(after)
-    return {"armed": True, "after": after}

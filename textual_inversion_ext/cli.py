@@ -27,6 +27,9 @@ MODEL_HELP = ("'tiny' (embedded default, no download), 'tiny-real-clip' (tiny UN
               "CLIP text encoder), or the path of an SD1.x/SD2.x single-file checkpoint (.safetensors/.ckpt).")
 
 
+WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options")
     group.add_argument("--model", default="tiny", help=MODEL_HELP + " Default: %(default)s.")
@@ -35,6 +38,19 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                        help="Model family of a checkpoint when it cannot be detected from its keys.")
     group.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=None,
                        help="Prediction type of an SD2 checkpoint (768-v models use v_prediction).")
+    group.add_argument("--dtype", choices=("auto", *WEIGHT_DTYPES), default="auto",
+                       help="dtype of the frozen UNet, VAE and text encoder (the embedding always trains in fp32). "
+                            "'auto': fp16 on CUDA (or the --precision asked for), fp32 on CPU. Default: %(default)s.")
+
+
+def weight_dtype_name(dtype: str, device: str, precision: str = "auto") -> str:
+    """The `--dtype` to load in: 'auto' is fp16 on CUDA and fp32 elsewhere, unless --precision names a dtype,
+    which the weights then follow on CUDA (so `--precision bf16` alone never meets fp16 weights)."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "fp32"
+    return precision if precision in WEIGHT_DTYPES else "fp16"
 
 
 def load_backend(args: argparse.Namespace):
@@ -42,13 +58,16 @@ def load_backend(args: argparse.Namespace):
     import torch
 
     from .backends.standalone import embedded_default, load_checkpoint
+    from .core.training.precision import DTYPES
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[weight_dtype_name(args.dtype, device, getattr(args, "precision", "auto"))]
     if args.model in ("tiny", "tiny-real-clip"):
-        return embedded_default(args.model, device=device)
-    return load_checkpoint(Path(args.model), family=args.family, prediction=args.prediction, device=device)
+        return embedded_default(args.model, device=device, dtype=dtype)
+    return load_checkpoint(Path(args.model), family=args.family, prediction=args.prediction, device=device,
+                           dtype=dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=Path)
     p.add_argument("--format", choices=formats.FORMATS, default=None,
                    help="Output format; default: from the destination's extension.")
+    p.add_argument("--name", default=None,
+                   help="Name stored in the output; default: the destination's file name (A1111's trigger word).")
 
     p = sub.add_parser("demo", help="Make a sample dataset and train on the embedded model.",
                        description="Generate a small sample dataset with PIL, create an embedding from an init "
@@ -218,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except TIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a folder or file the OS refused (read-only, full, missing): a message, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -252,6 +277,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.best_path and result.best_step != result.step:
         print(f"To keep the best step instead: python -m textual_inversion_ext promote {result.best_path} "
               f"{result.final_path}")
+    if result.final_path != outcome.paths.final:  # saved to a fallback (see the warning): not where it was asked
+        return 1
     return 0 if result.status in ("finished", "interrupted") else 1
 
 
@@ -280,13 +307,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {terminal_safe(str(value))}")
     return 0
 
 
+def terminal_safe(text: str) -> str:
+    """`text` with control and format characters escaped (`\\x1b`, `\\u202e`): a name stored in a file must not
+    drive the terminal (escape sequences, bidi overrides). JSON output is safe already (ensure_ascii)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    for path in formats.convert(args.src, args.dst, fmt=args.format):
-        print(f"wrote {path}")
+    converted = formats.convert(args.src, args.dst, fmt=args.format, name=args.name)
+    for path in converted.paths:
+        print(f"wrote {path} (name {converted.name!r})")
+    for note in converted.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -321,7 +357,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             if f.status != "ok" or f.notes:
                 print(f"  {f.line()}")
         print(result.summary())
-    return 0 if result.status == "finished" else 130
+    if result.status != "finished":
+        return 130
+    return 0 if result.outputs else 1  # nothing produced (no usable image): a script must notice
 
 
 def cmd_captions(args: argparse.Namespace) -> int:

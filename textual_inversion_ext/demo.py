@@ -105,7 +105,8 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dic
     created = create_embedding(backend, CreateParams(name=DEMO_NAME, init_text=DEMO_INIT, overwrite=True),
                                emb_dir)
     params = TrainParams(max_steps=steps, csv_every=1, save_every=max(1, steps // 3),
-                         preview_every=max(1, steps // 3), val_every=max(1, steps // 12), seed=seed)
+                         preview_every=max(1, steps // 3), val_every=max(1, steps // 12), seed=seed,
+                         val_budget=0.0)  # a curve worth plotting: the tiny model validates in no time
     request = RunRequest(created.path, data_dir, out / "logs", params)
     outcome = train_with_progress_bar(backend, request)
     result = outcome.result

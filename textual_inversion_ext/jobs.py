@@ -63,16 +63,28 @@ class Job:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    stage: str = ""  # "grid" while a training job renders its comparison grid (the embedding is saved by then)
 
     @property
     def active(self) -> bool:
         return self.status in ("queued", "running")
 
+    def shown_message(self) -> str:
+        """`message`, or the interrupt note while a stopped job winds down. Derived rather than written by
+        `interrupt()`, so no other thread races the runner's writes (a late interrupt cannot overwrite the
+        final message) and the host's Interrupt button shows the same note."""
+        if self.active and self.stop.is_set():
+            if self.kind == "grid" or self.stage == "grid":
+                return "Stopping the comparison grid at the next sampling step (the embedding is already saved)…"
+            return ("Interrupting: the current step finishes, then the embedding is saved…" if self.kind == "train"
+                    else "Interrupting: the files in progress finish first…")
+        return self.message
+
     def to_dict(self, since_step: int = 0) -> dict[str, Any]:
         p = self.progress
         return {
             "id": self.id, "kind": self.kind, "name": self.name, "status": self.status,
-            "active": self.active, "message": self.message,
+            "active": self.active, "message": self.shown_message(),
             "step": p.step if p else None, "end_step": p.end_step if p else None,
             "loss": p.loss if p else None, "learn_rate": p.learn_rate if p else None,
             "s_per_step": p.s_per_step if p else None, "eta_s": p.eta_s if p else None,
@@ -118,14 +130,15 @@ class JobManager:
         job = self.current()
         return job is not None and job.kind == "train" and job.name == name
 
-    def start(self, kind: str, name: str, work: Callable[[Job], dict[str, Any]]) -> Job:
-        """Run `work(job)` in a worker thread; it returns the result dict or raises."""
+    def start(self, kind: str, name: str, work: Callable[[Job], dict[str, Any]], message: str = "") -> Job:
+        """Run `work(job)` in a worker thread; it returns the result dict or raises. `message`: the job's
+        first status (e.g. what it will cost), there before the worker runs."""
         with self._guard:
             running = next((j for j in self._jobs.values() if j.active), None)
             if running is not None:
                 doing = "is training" if running.kind == "train" else f"is running ({running.kind})"
                 raise BusyError(f"'{running.name}' {doing} (job {running.id}); interrupt it or wait.")
-            job = Job(id=f"{kind}-{next(self._ids)}-{int(time.time())}", kind=kind, name=name)
+            job = Job(id=f"{kind}-{next(self._ids)}-{int(time.time())}", kind=kind, name=name, message=message)
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 self._jobs.pop(next(iter(self._jobs)))
@@ -134,30 +147,47 @@ class JobManager:
         return job
 
     def interrupt(self, job_id: str | None = None) -> Job | None:
+        """Ask the job to stop; only the stop flag is set here, the runner owns the job's fields."""
         job = self.get(job_id) if job_id else self.current()
-        if job is not None and job.active:
-            job.stop.set()
-            job.message = ("Interrupting: the current step finishes, then the embedding is saved…"
-                           if job.kind == "train" else "Interrupting: the files in progress finish first…")
+        if job is not None:
+            with self._guard:  # a job that has ended keeps its final status and message
+                if job.active:
+                    job.stop.set()
         return job
 
     def _run(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        try:
+            with self.hooks.lock():
+                self._run_locked(job, work)
+        except Exception as exc:  # the host's lock or end hook failed: the job must still end
+            self._fail(job, exc)
+
+    def _run_locked(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
         hooks = self.hooks
-        with hooks.lock():
+        with self._guard:
             job.status = "running"
-            hooks.begin(job.id, 0)
-            try:
-                with self._watch_host_interrupt(job):
-                    job.result = work(job) or {}
-                job.status = job.result.get("status", "finished")
-                job.message = job.result.get("message", job.message)
-            except Exception as exc:  # reported to the user through the status, not lost
-                job.status = "error"
-                job.message = str(exc) if isinstance(exc, TIError) else f"{type(exc).__name__}: {exc}"
-                logger.error("Job %s failed:\n%s", job.id, traceback.format_exc())
-            finally:
+        try:
+            hooks.begin(job.id, 0)  # inside the try: a raising host hook ends the job instead of wedging it
+            with self._watch_host_interrupt(job):
+                result = work(job) or {}
+            with self._guard:
+                job.result = result
+                job.status = result.get("status", "finished")
+                job.message = result.get("message", job.message)
                 job.finished = time.time()
-                hooks.end()
+        except Exception as exc:  # reported to the user through the status, not lost
+            self._fail(job, exc)
+        finally:
+            hooks.end()
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        logger.error("Job %s failed:\n%s", job.id, traceback.format_exc())
+        with self._guard:
+            if job.finished is not None:  # it had ended (e.g. the end hook raised after it): keep its outcome
+                return
+            job.status = "error"
+            job.message = str(exc) if isinstance(exc, TIError) else f"{type(exc).__name__}: {exc}"
+            job.finished = time.time()
 
     @contextlib.contextmanager
     def _watch_host_interrupt(self, job: Job) -> Iterator[None]:

@@ -19,13 +19,14 @@ from .core.create import Created, CreateParams, create_embedding
 from .core.data.preprocess import PreprocessParams, Upscaler, check_params, preprocess, resolve_folders
 from .core.data.templates import load_template
 from .core.embedding import validate_name
-from .core.errors import EmbeddingFormatError, TIError
+from .core.errors import EmbeddingFormatError, Interrupted, TIError
+from .core.fileio import check_inside
 from .core.params import from_record, to_record
 from .core.training import grid
 from .core.training.metrics import Progress
 from .core.training.presets import list_presets, load_preset, save_preset
-from .core.training.run import RunRequest, render_run_grid, run_training
-from .core.training.snapshots import check_inside, list_snapshots, promote
+from .core.training.run import RunRequest, grid_cost, render_run_grid, run_training
+from .core.training.snapshots import list_snapshots, promote
 from .core.training.train_params import TrainParams
 from .jobs import Job, JobManager
 
@@ -43,13 +44,14 @@ class Service:
     on_embeddings_changed: Callable[[], None] = lambda: None  # host: reload its embedding list
     # Host settings that fill in the TrainParams fields a request leaves out (A1111: its training options).
     train_defaults: Callable[[], dict[str, Any]] = dict
-    # Last adjustments before a run starts (A1111: "auto" precision -> the host's dtype, log folder).
+    # Last adjustments before a run starts (A1111: the log folder setting, read again).
     before_training: Callable[[TrainParams], TrainParams] = lambda params: params
     # The upscaler for small images when preprocessing asks for one (A1111: its img2img upscaler);
     # called per run, since the host's setting may change. None = Lanczos.
     upscaler: Callable[[], Upscaler | None] = lambda: None
     thumbnail_dir: Path | None = None  # caption editor thumbnails; None = the user cache folder
     presets_dir: Path | None = None  # saved Train presets; None = `<log_root>/.presets`
+    _skipped_noted: set[tuple[str, int, int]] = field(default_factory=set, init=False, repr=False)
 
     @property
     def presets_folder(self) -> Path:
@@ -64,20 +66,42 @@ class Service:
         raise TIError(f"No embedding named {name!r} in {self.embeddings_dir}.")
 
     def list_embeddings(self) -> list[dict[str, Any]]:
-        out = []
+        return self.scan_embeddings()[0]
+
+    def scan_embeddings(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """(embeddings, skipped): one entry per embedding in the folder, and `{"file", "error"}` for each
+        file with an embedding suffix that could not be read (damaged, unsafe, a plain image), so one bad
+        file never hides the others. Each skipped file is logged once per version of it."""
+        out: list[dict[str, Any]] = []
+        skipped: list[dict[str, str]] = []
         if not self.embeddings_dir.is_dir():
-            return out
+            return out, skipped
         for path in sorted(self.embeddings_dir.iterdir()):
             if path.suffix.lower() not in EMBEDDING_SUFFIXES or path.name.endswith(".preview.png"):
                 continue
             try:
-                emb = formats.load_embedding(path).embedding
-            except EmbeddingFormatError:
-                continue  # plain images and foreign files live here too
+                loaded = formats.load_embedding(path)
+            except EmbeddingFormatError as exc:  # what load_embedding turns every failure into
+                skipped.append({"file": path.name, "error": str(exc)})
+                self._note_skipped(path, exc)
+                continue
+            if loaded.path != path:
+                continue  # the clip_g half of a diffusers SDXL pair: listed with its first half
+            emb = loaded.embedding
             out.append({"name": emb.name, "file": path.name, "vectors": emb.num_vectors, "dims": emb.dims,
                         "step": emb.step, "sd_checkpoint": emb.sd_checkpoint,
                         "training": self.jobs.is_training(emb.name)})
-        return out
+        return out, skipped
+
+    def _note_skipped(self, path: Path, exc: Exception) -> None:
+        try:
+            stat = path.stat()
+            key = (path.name, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = (path.name, 0, 0)
+        if key not in self._skipped_noted:  # listing runs on every page load and name check: warn once
+            self._skipped_noted.add(key)
+            logger.warning("Skipping %s in the embedding list: %s", path, exc)
 
     def create(self, params: CreateParams) -> Created:
         if self.jobs.is_training(validate_name(params.name)):
@@ -141,7 +165,8 @@ class Service:
                     job.snapshots.append(str(path))
 
             outcome = run_training(self.backend(), request, progress=on_progress, stop=job.stop,
-                                   status=lambda text: setattr(job, "message", text), on_artifact=on_artifact)
+                                   status=lambda text: setattr(job, "message", text), on_artifact=on_artifact,
+                                   on_grid=lambda cost: setattr(job, "stage", "grid"))
             self.on_embeddings_changed()
             result = outcome.result
             job.snapshots = [str(p) for p in (result.start_path, *result.snapshots) if p and p.exists()]
@@ -160,7 +185,7 @@ class Service:
     # ------------------------------------------------------------ snapshots, grid, presets
 
     def _own_snapshot(self, name: str, snapshot: str | Path) -> Path:
-        path = check_inside(Path(snapshot), self.log_root)
+        path = check_inside(snapshot, self.log_root, "snapshot")
         if not grid.is_snapshot_of(path, name):
             raise TIError(f"{Path(snapshot).name} is not a snapshot of '{name}' (expected {name}-<step>.pt).")
         return path
@@ -188,14 +213,17 @@ class Service:
         folder = Path(log_dir) if log_dir else (runs[0].parent if runs else None)
         if folder is None:
             raise TIError(f"'{name}' has no training runs under {self.log_root}.")
-        folder = check_inside(folder / "run.json", self.log_root).parent
+        folder = check_inside(folder / "run.json", self.log_root, "training run").parent
 
         def work(job: Job) -> dict[str, Any]:
-            path = render_run_grid(self.backend(), folder, prompts, stop=job.stop,
-                                   status=lambda text: setattr(job, "message", text))
+            try:
+                path = render_run_grid(self.backend(), folder, prompts, stop=job.stop,
+                                       status=lambda text: setattr(job, "message", text))
+            except Interrupted as exc:  # asked for, not a failure
+                return {"status": "interrupted", "message": str(exc), "grid": None}
             return {"status": "finished", "message": f"Comparison grid saved to {path}.", "grid": str(path)}
 
-        return self.jobs.start("grid", name, work)
+        return self.jobs.start("grid", name, work, message=grid_cost(folder, prompts).text())
 
     def save_preset(self, preset: str, params: TrainParams, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         path = save_preset(self.presets_folder, preset, params, extra)

@@ -125,9 +125,9 @@ def run_task(backend: StandaloneBackend, reader: clf.AttributeClassifier, world_
     created = create_embedding(backend, CreateParams(name=NAME, init_text=config.init_text,
                                                      num_vectors=config.num_vectors, overwrite=True),
                                work / "embeddings")
-    # Output-only settings: validate where we snapshot, no previews, no grid.
+    # Output-only settings: validate where we snapshot (every snapshot, whatever the budget), no previews, no grid.
     params = TrainParams(max_steps=config.max_steps, save_every=config.save_every, val_every=config.save_every,
-                         preview_every=0, comparison_grid=False, seed=seed)
+                         val_budget=0.0, preview_every=0, comparison_grid=False, seed=seed)
     if config.learn_rate is not None:
         params.learn_rate = config.learn_rate
     if config.template is not None:

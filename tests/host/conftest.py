@@ -1,8 +1,10 @@
 """Real-host tests: they run only when WEBUI_DIR points at an A1111 install (see ../shared/host-lab)
-whose API answers at WEBUI_URL (default http://127.0.0.1:7860, started with --api)."""
+whose API answers at WEBUI_URL (default http://127.0.0.1:7860, started with --api; WEBUI_API_AUTH=user:pass
+when it was started with --api-auth)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ import pytest
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 WEBUI_URL = os.environ.get("WEBUI_URL", "http://127.0.0.1:7860").rstrip("/")
+WEBUI_API_AUTH = os.environ.get("WEBUI_API_AUTH", "")
 # Browser tests drive the system Chromium through Playwright (never a downloaded browser).
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,13 +35,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 class HostApi:
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, auth: str = "") -> None:
         self.base = base
+        self.auth = auth  # "user:pass" for a host started with --api-auth
 
-    def call(self, method: str, path: str, body: object | None = None, timeout: float = 600) -> object:
+    def call(self, method: str, path: str, body: object | None = None, timeout: float = 600,
+             auth: bool = True) -> object:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.auth and auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(self.auth.encode()).decode()
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
         return json.loads(text) if text else None
@@ -50,14 +57,55 @@ def host_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def host_api() -> HostApi:
-    api = HostApi(WEBUI_URL)
+def host_api(host_dir, tmp_path_factory) -> HostApi:
+    """The host's API, with this session's temporary folders added to the extension's allowed API folders
+    (tiext_api_roots) until the session ends: the datasets live there."""
+    api = HostApi(WEBUI_URL, WEBUI_API_AUTH)
     try:
         api.call("GET", "/sdapi/v1/sd-models", timeout=10)
     except (urllib.error.URLError, OSError) as exc:
         pytest.fail(f"WEBUI_DIR is set but the host's API does not answer at {WEBUI_URL} ({exc}); "
                     "start it (host-lab: ./start.sh) or set WEBUI_URL.")
-    return api
+    root = session_root(tmp_path_factory)
+    allow_folder(api, host_dir, root)
+    yield api
+    allow_folder(api, host_dir, root, allow=False)
+
+
+API_ROOTS = "tiext_api_roots"
+
+
+def allow_folder(api: HostApi, host_dir: Path, folder: Path, allow: bool = True) -> None:
+    """Add `folder` to (or remove it from) tiext_api_roots, leaving other entries alone: another test
+    session may be using the host at the same time, with its own folder there."""
+    entries = [e for e in str(saved_option(host_dir, API_ROOTS, "")).split(";") if e.strip() and e != str(folder)]
+    api.call("POST", "/sdapi/v1/options", {API_ROOTS: ";".join(entries + [str(folder)] * allow)})
+
+
+def saved_option(host_dir: Path, key: str, default: object) -> object:
+    """An option as the host saved it (GET /sdapi/v1/options leaves out options added by extensions)."""
+    config = host_dir / "config.json"
+    return json.loads(config.read_text()).get(key, default) if config.is_file() else default
+
+
+def session_root(tmp_path_factory) -> Path:
+    """The folder holding this session's temporary folders (allowed for the API by `host_api`)."""
+    return tmp_path_factory.getbasetemp().resolve()
+
+
+FAULTS_LINK = "cd ../shared/host-lab && ./ext.sh link \"$PWD/tests/host/fault_ext\" tiext-test-faults, then restart"
+
+
+@pytest.fixture(scope="session")
+def faults(host_api) -> HostApi:
+    """The test-only extension tests/host/fault_ext (fault injection, model state); skips without it."""
+    try:
+        host_api.call("GET", "/tiext-test/model", timeout=10)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            pytest.skip(f"the test-only extension is not linked into the host: {FAULTS_LINK}")
+        raise
+    return host_api
 
 
 @pytest.fixture(scope="module")

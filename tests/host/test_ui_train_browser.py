@@ -169,6 +169,7 @@ def test_live_run_charts_previews_result_and_host_sampler(page, host_api, datase
     open_accordion(page, "tiext_train_val_every_section")  # "Validation"
     page.locator("#tiext_train_val_every input").fill(str(VAL_EVERY))
     number(page, "tiext_train_val_timesteps", 2)
+    number(page, "tiext_train_val_budget", 0)  # every VAL_EVERY steps, not what a 10 % budget allows
     open_accordion(page, "tiext_train_norm_warn_section")  # "Health"
     number(page, "tiext_train_norm_warn", NORM_WARN)  # low enough for this run to reach: a warning shows
 

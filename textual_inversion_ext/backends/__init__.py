@@ -1,7 +1,8 @@
 """Backends: what the core trainer needs from a Stable Diffusion model, per host.
 
-`protocol.py` is the contract; `standalone/` implements it on diffusers/transformers modules; the
-A1111 host backend (the only place that may import host `modules`) comes with the host issue.
+The contract lives in `core/backend.py` (re-exported by `protocol.py`); `standalone/` implements it on
+diffusers/transformers modules, `a1111/` on the host's loaded model (the only place that imports the
+host's `modules`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ put its pooled output and size vector in there).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,6 +50,9 @@ class TrainingOptions:
 class Backend(Protocol):
     info: ModelInfo
     device: torch.device
+    # The dtype the frozen UNet and text encoder are loaded in (fp16/bf16 on GPU, fp32 on CPU as a rule); the
+    # run's autocast follows it (`core.training.precision`). The trainable vectors are always fp32.
+    weight_dtype: torch.dtype
 
     @property
     def num_train_timesteps(self) -> int: ...
@@ -66,9 +69,11 @@ class Backend(Protocol):
         """Latent distribution of `pixels` (B, 3, H, W) in [-1, 1], already scaled for the UNet."""
 
     def training_loss(
-        self, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample denoising loss `(B,)` for `latents` noised with `noise` at `timesteps`."""
+        """Per-sample denoising loss `(B,)` for `latents` noised with `noise` at `timesteps`; `weight`
+        `(B, 1, h, w)` (e.g. from the images' alpha) makes it a weighted mean (see `training.loss`)."""
 
     def preview(
         self,
@@ -83,15 +88,31 @@ class Backend(Protocol):
         cfg_scale: float,
         negative_prompt: str = "",
         sampler: str = "",
+        should_stop: Callable[[], bool] | None = None,
     ) -> Image.Image:
         """Generate one image with the given vectors (never cached conditioning); `sampler` is one of
-        `samplers()`, empty = the model's default."""
+        `samplers()`, empty = the model's default. `should_stop` is checked between sampling steps: when it
+        returns True, sampling ends and `core.errors.Interrupted` is raised."""
 
     def samplers(self) -> list[str]:
         """Sampler names `preview` accepts (as the host's txt2img names them)."""
 
     def training_session(self, options: TrainingOptions) -> contextlib.AbstractContextManager[None]:
         """Freeze every model weight, apply `options`; restore everything on exit (also on error)."""
+
+
+@contextlib.contextmanager
+def visiting(module: torch.nn.Module, home: torch.device | None) -> Iterator[None]:
+    """Bring an offloaded `module` back to `home` for the block, then to the CPU again; `home` None (not
+    offloaded): leave it where it is."""
+    if home is None:
+        yield
+        return
+    module.to(home)
+    try:
+        yield
+    finally:
+        module.to("cpu")
 
 
 @contextlib.contextmanager

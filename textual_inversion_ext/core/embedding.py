@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidNameError
+from .errors import InvalidNameError, ModelError
 
 # Key of the vectors for models with a single text encoder (SD1.x: CLIP ViT-L, SD2.x: OpenCLIP
 # ViT-H). SDXL embeddings use "clip_l" and "clip_g", as in A1111's and Forge's file format.
@@ -18,9 +18,20 @@ SDXL_KEYS = ("clip_l", "clip_g")
 
 _FORBIDDEN_NAME_CHARS = set('/\\:*?"<>|')
 
+# A file stem (trigger word) is at most 200 bytes: well below the file systems' 255, which leaves room for
+# `.pt.optim`/`.safetensors.json` and the atomic writes' temp decoration `.<file>.XXXXXXXX.tmp`.
+MAX_STEM_BYTES = 200
+# The longest suffix a run appends to a name for a file stem: the grid `<name>-comparison`, previews
+# `<name>-<step>-<k>` and snapshots `<name>-<step>` (max_steps ≤ 1 000 000: "-1000000" is 8 bytes).
+LONGEST_DERIVED_SUFFIX = "-comparison"
+MAX_NAME_BYTES = MAX_STEM_BYTES - len(LONGEST_DERIVED_SUFFIX)  # 189: so every name that is accepted can train
 
-def validate_name(name: str) -> str:
-    """Return `name` stripped if it can be a trigger word and a file stem; raise otherwise."""
+
+def validate_name(name: str, *, derived: bool = False) -> str:
+    """Return `name` stripped if it can be a trigger word and a file stem; raise otherwise.
+
+    One length rule: a name leaves room for the longest suffix a run adds (MAX_NAME_BYTES); `derived=True` checks
+    the stem of such a derived file (`<name>-<step>`), which may use that room (MAX_STEM_BYTES)."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidNameError("The embedding name is empty: give it a name, e.g. 'my-bmw'.")
     cleaned = name.strip()
@@ -36,9 +47,34 @@ def validate_name(name: str) -> str:
         raise InvalidNameError(
             f"The embedding name {cleaned!r} would be a hidden or relative path; start it with a letter."
         )
-    if len(cleaned.encode("utf-8")) > 200:
-        raise InvalidNameError("The embedding name is longer than 200 bytes; use a shorter one.")
+    limit = MAX_STEM_BYTES if derived else MAX_NAME_BYTES
+    if len(cleaned.encode("utf-8")) > limit:
+        raise InvalidNameError(
+            f"The embedding name is {len(cleaned.encode('utf-8'))} bytes long; the limit is {limit} bytes (UTF-8), "
+            "so that the files a training run names after it (e.g. '<name>-<step>.pt') stay valid. Use a shorter one.")
     return cleaned
+
+
+def check_vectors(vectors: dict[str, torch.Tensor], encoders: dict[str, int]) -> dict[str, torch.Tensor]:
+    """`vectors` unchanged if they fit a model whose text encoders are `encoders` (key -> width, as in
+    `ModelInfo.encoders`): the same keys, each a 2-D `(n, width)` tensor, one `n` for all. ModelError otherwise."""
+    if set(vectors) != set(encoders):
+        hint = ""
+        if set(SDXL_KEYS) & set(vectors) and not set(SDXL_KEYS) & set(encoders):
+            hint = " (an SDXL embedding on an SD1/SD2 model?)"
+        elif SINGLE in vectors and set(SDXL_KEYS) <= set(encoders):
+            hint = " (an SD1/SD2 embedding on an SDXL model?)"
+        raise ModelError(f"This model's text encoder(s) need vectors under {sorted(encoders)}; the embedding has "
+                         f"{sorted(vectors)}{hint}.")
+    for key, vec in vectors.items():
+        if vec.ndim != 2 or vec.shape[1] != encoders[key]:
+            where = "" if key == SINGLE else f" {key!r}"
+            raise ModelError(f"The embedding's{where} vectors have shape {tuple(vec.shape)} but this model's text "
+                             f"encoder needs (n, {encoders[key]}): it was made for another model family.")
+    if len({int(v.shape[0]) for v in vectors.values()}) > 1:
+        counts = {k: int(v.shape[0]) for k, v in vectors.items()}
+        raise ModelError(f"The embedding has a different number of vectors per text encoder: {counts}.")
+    return vectors
 
 
 def trigger_word(path: str | Path) -> str:

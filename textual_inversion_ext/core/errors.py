@@ -33,3 +33,15 @@ class ModelError(TIError):
 
 class TrainingError(TIError):
     """Training could not start or had to stop (the embedding is saved before this is raised)."""
+
+
+class Interrupted(TIError):
+    """Work stopped on request (a stop event or the host's Interrupt), not by a failure."""
+
+
+class WriteError(TIError, OSError):
+    """A file could not be written (read-only folder, full disk, a folder in the way). Still an OSError, so code
+    that handles OS failures keeps working; the message names the file, the reason and what to check."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

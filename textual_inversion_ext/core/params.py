@@ -1,8 +1,8 @@
 """Each operation's parameters, declared once.
 
 A parameter is a dataclass field made with `param(...)`: default, bounds/choices, label and help.
-The CLI flags (`add_arguments`), validation (`validate`), the JSON run record (`to_record`) and
-later the Gradio controls and the API schema (`json_schema`) are all derived from these fields.
+The CLI flags (`add_arguments`), validation (`validate`), the JSON run record (`to_record`), the
+Gradio controls (`ui/controls.py`) and the API schema (`json_schema`) are all derived from these fields.
 """
 
 from __future__ import annotations

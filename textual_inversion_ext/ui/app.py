@@ -1,4 +1,5 @@
-"""Serve the tabs on their own (no A1111): `launch(service)`; the CLI wires a subcommand to it."""
+"""Serve the tabs on their own (no A1111): `launch(service)`, called from Python (README, Status); the CLI
+has no subcommand for it, as gradio does not install next to diffusers 0.42 yet."""
 
 from __future__ import annotations
 

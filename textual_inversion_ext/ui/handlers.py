@@ -227,7 +227,8 @@ def render_grid(service: Any, name: str | None) -> Outcome:
     job, error = run_guarded("Grid", service.start_grid, name)
     if error:
         return Outcome(error, False)
-    return Outcome(f"Rendering the comparison grid of '{name}' (job {job.id}); it appears here when done.", True)
+    return Outcome(f"Rendering the comparison grid of '{name}' (job {job.id}); it appears here when done. "
+                   f"{job.message}".strip(), True)  # the message: its estimated cost, and how to skip it
 
 
 # ------------------------------------------------------------ presets

@@ -3,22 +3,25 @@
 Text goes through the host's own hijacked CLIP (`cond_stage_model(prompts)`): the trainable
 vectors are registered as a host `Embedding` whose `.vec` the hijack splices in with `torch.cat`,
 so prompt parsing, emphasis, clip-skip and padding are exactly what inference uses, and gradients
-reach the vectors. The loss uses the model's own `q_sample`/`apply_model`/`get_v`.
+reach the vectors. The UNet is the model's own `apply_model`; noising, the eps/v target and the loss are
+core's (`core.training.loss`), from the model's float32 ᾱ table, as for the standalone backend.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen
-from ...core.embedding import SINGLE
-from ...core.errors import ModelError
+from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen, visiting
+from ...core.embedding import SINGLE, check_vectors
+from ...core.errors import Interrupted, ModelError
+from ...core.training.loss import add_noise, per_sample_loss, prediction_target
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,10 @@ class A1111Backend:
         self.model = model
         self.device = torch.device(devices.device)
         table = token_table(model.cond_stage_model)
+        # What the host really loaded (fp16 unless --no-half; it halves the UNet and text encoder together).
+        # The token table, not the UNet: with the host's fp8 option the UNet's layers are stored in fp8 while
+        # computing in fp16; the table is never fp8.
+        self.weight_dtype = table.weight.dtype
         prediction = {"eps": "epsilon", "v": "v_prediction"}.get(getattr(model, "parameterization", "eps"))
         if prediction is None:
             raise ModelError(f"Unsupported parameterization {model.parameterization!r} (eps or v only).")
@@ -106,9 +113,7 @@ class A1111Backend:
         self._host_embedding: Any = None  # our registered host Embedding (kept; .vec updated per call)
         self._replaced: tuple[str, Any] | None = None  # (name, DB entry we displaced) restored after a session
         self._vae_home: torch.device | None = None
-        self.fail_after_losses: int | None = None  # debug: raise inside the loop after N loss calls
         self._in_session = False  # inside training_session: our embedding stays registered until it ends
-        self._loss_calls = 0
 
     # ----------------------------------------------------------------- text
 
@@ -122,15 +127,7 @@ class A1111Backend:
         return {SINGLE: table.weight.detach()[index].to(self.device, torch.float32).clone()}
 
     def _check_vectors(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        dim = self.info.encoders[SINGLE]
-        if SINGLE not in vectors:
-            raise ModelError(f"This {self.info.family.upper()} model needs vectors under {SINGLE!r}; got "
-                             f"{sorted(vectors)} (an SDXL embedding?).")
-        vec = vectors[SINGLE]
-        if vec.ndim != 2 or vec.shape[1] != dim:
-            raise ModelError(f"The embedding's vectors have shape {tuple(vec.shape)} but this model needs "
-                             f"(n, {dim}): it was made for another model family.")
-        return vec
+        return check_vectors(vectors, self.info.encoders)[SINGLE]
 
     def _register(self, trigger: str, vec: torch.Tensor) -> None:
         """Make the host's embedding DB splice `vec` for `trigger` (re-registered if a reload replaced it)."""
@@ -180,25 +177,22 @@ class A1111Backend:
                           std=(dist.std.float() * scale).to(self.device))
 
     def training_loss(self, latents: torch.Tensor, cond: Any, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():  # training calls only: the validation loss runs under no_grad
-            self._loss_calls += 1
-        if self.fail_after_losses is not None and self._loss_calls > self.fail_after_losses:
-            self.fail_after_losses = None  # one injected failure per arming
-            raise RuntimeError(f"injected failure (debug) at loss call {self._loss_calls}")
+                      timesteps: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         latents = latents.to(self.device, torch.float32)
         noise = noise.to(self.device, torch.float32)
         t = timesteps.to(self.device).long()
         # Per sample, unlike ldm's p_losses (which averages the batch): the trainer weights/masks samples.
-        noisy = m.q_sample(latents, t, noise)
+        # ᾱ as loaded: `alphas_cumprod` itself may be downcast or rescaled by the last txt2img (a preview).
+        abar = getattr(m, "alphas_cumprod_original", None)
+        abar = m.alphas_cumprod if abar is None else abar
+        noisy = add_noise(latents, noise, t, abar)
         pred = m.apply_model(noisy, t, cond)
-        target = m.get_v(latents, noise, t) if m.parameterization == "v" else noise
-        return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+        return per_sample_loss(pred, prediction_target(latents, noise, t, self.info.prediction, abar), weight)
 
     def preview(self, prompt: str, trigger: str, vectors: dict[str, torch.Tensor], *, seed: int, steps: int,
                 width: int, height: int, cfg_scale: float, negative_prompt: str = "",
-                sampler: str = "") -> Image.Image:
+                sampler: str = "", should_stop: Callable[[], bool] | None = None) -> Image.Image:
         from modules import processing
 
         p = processing.StableDiffusionProcessingTxt2Img(
@@ -213,11 +207,14 @@ class A1111Backend:
         try:
             if vectors:
                 self._register(trigger, self._check_vectors(vectors))
-            with self._vae_on_device(), contextlib.closing(p):
+            with visiting(self.model.first_stage_model, self._vae_home), contextlib.closing(p), \
+                    _host_interrupt(should_stop) as stopped:
                 processed = processing.process_images(p)
         finally:
             if not self._in_session:  # e.g. the comparison grid after training: leave the host's DB as it was
                 self._unregister()
+        if stopped.is_set():
+            raise Interrupted("Sampling interrupted.")
         if not processed.images:
             raise ModelError("The host returned no preview image (interrupted?).")
         return processed.images[0]
@@ -228,41 +225,7 @@ class A1111Backend:
 
         return list(sd_samplers.visible_sampler_names())
 
-    def arm_failure(self, after: int) -> None:
-        """Debug: make the training-loss evaluation after the next `after` ones raise (tests of the error path)."""
-        self._loss_calls = 0
-        self.fail_after_losses = after
-
     # -------------------------------------------------------------- session
-
-    @contextlib.contextmanager
-    def _vae_on_device(self) -> Iterator[None]:
-        if self._vae_home is None:
-            yield
-            return
-        self.model.first_stage_model.to(self._vae_home)
-        try:
-            yield
-        finally:
-            self.model.first_stage_model.to("cpu")
-
-    def debug_state(self) -> dict[str, Any]:
-        """What a test needs to see that the model is held as promised (frozen, options applied)."""
-        from modules import sd_hijack_checkpoint
-
-        def trainable(module: torch.nn.Module) -> int:
-            return sum(1 for p in module.parameters() if p.requires_grad)
-
-        m = self.model
-        return {
-            "model": self.info.name, "family": self.info.family,
-            "unet_trainable_tensors": trainable(m.model),
-            "text_encoder_trainable_tensors": trainable(m.cond_stage_model),
-            "vae_trainable_tensors": trainable(m.first_stage_model),
-            "vae_device": str(next(m.first_stage_model.parameters()).device),
-            "gradient_checkpointing": bool(sd_hijack_checkpoint.stored),
-            "embedding_registered": self._host_embedding is not None,
-        }
 
     @contextlib.contextmanager
     def training_session(self, options: TrainingOptions) -> Iterator[None]:
@@ -297,3 +260,29 @@ class A1111Backend:
 
                 stack.callback(vae_back)
             yield
+
+
+@contextlib.contextmanager
+def _host_interrupt(should_stop: Callable[[], bool] | None, poll_s: float = 0.1) -> Iterator[threading.Event]:
+    """While sampling: when `should_stop()` turns True, press the host's Interrupt (its samplers check
+    `shared.state.interrupted` every step). Yields an event set when that happened."""
+    stopped, done = threading.Event(), threading.Event()
+    if should_stop is None:
+        yield stopped
+        return
+    from modules import shared
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if should_stop():
+                stopped.set()
+                shared.state.interrupted = True  # = state.interrupt(); cleared by the next state.begin()
+                return
+
+    watcher = threading.Thread(target=watch, name="tiext-preview-stop", daemon=True)
+    watcher.start()
+    try:
+        yield stopped
+    finally:
+        done.set()
+        watcher.join()

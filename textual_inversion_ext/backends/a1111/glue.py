@@ -6,16 +6,13 @@ registration time: the model, the folders and the UI are looked at when the host
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ... import __version__
+from ...api_access import ApiAccess, exposure_refusal
 from ...core.training.train_params import TrainParams
 from ...service import Service
 from . import settings
@@ -24,7 +21,6 @@ from .hooks import host_hooks
 logger = logging.getLogger(__name__)
 
 TAB_TITLE, TAB_ID = "Textual Inversion", "textual_inversion_ext"
-DEBUG_ENV = "TIEXT_DEBUG"  # "1": also serve the debug routes (fault injection, model state) for tests
 
 _service: Service | None = None
 _backend: Any = None  # (sd_model, A1111Backend): rebuilt when the host switches models
@@ -41,20 +37,6 @@ def current_backend() -> Any:
     if _backend is None or _backend[0] is not model:
         _backend = (model, A1111Backend(model))
     return _backend[1]
-
-
-def host_precision(params: TrainParams) -> TrainParams:
-    """'auto' → the dtype the host runs its model in (fp16 on GPU, fp32 with --no-half or on CPU)."""
-    from modules import devices
-
-    if params.precision != "auto":
-        return params
-    device = torch.device(devices.device)
-    if device.type != "cuda" or devices.dtype == torch.float32:
-        precision = "fp32"
-    else:
-        precision = "bf16" if devices.dtype == torch.bfloat16 else "fp16"
-    return dataclasses.replace(params, precision=precision)
 
 
 def reload_embeddings() -> None:
@@ -81,7 +63,7 @@ def build_service() -> Service:
 
     def before_training(params: TrainParams) -> TrainParams:
         service.log_root = settings.log_root(embeddings_dir)  # the setting may have changed since start-up
-        return host_precision(params)
+        return params  # precision: core's resolve_precision, from A1111Backend.weight_dtype
 
     service.before_training = before_training
     return service
@@ -131,6 +113,8 @@ def basic_auth(spec: str) -> Any:
         raise HTTPException(status_code=401, detail="Incorrect username or password",
                             headers={"WWW-Authenticate": "Basic"})
 
+    # FastAPI resolves string annotations (PEP 563) against module globals, where fastapi is not imported.
+    check.__annotations__ = {"given": HTTPBasicCredentials, "return": bool}
     return check
 
 
@@ -141,11 +125,38 @@ def on_ui_settings() -> None:
     settings.register_options()
 
 
+def api_enabled(cmd_opts: Any) -> bool:
+    """As the host serves /sdapi: with --api, or --nowebui (the API alone)."""
+    return bool(getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False))
+
+
+def api_access() -> ApiAccess:
+    """The folders our routes may use: the host's data folder, its embeddings folder, our log folder and the
+    user's allow-list setting (read per request); write routes refused when exposed with no API password."""
+    from modules import paths, shared
+
+    embeddings_dir = Path(shared.cmd_opts.embeddings_dir)
+
+    def roots() -> list[Path]:
+        data = Path(paths.data_path)
+        return [data, embeddings_dir, settings.log_root(embeddings_dir), *settings.api_roots(data)]
+
+    return ApiAccess(roots=roots, setting=settings.API_ROOTS_WHERE,
+                     write_refusal=exposure_refusal(shared.cmd_opts))
+
+
 def on_app_started(_demo: Any, app: Any) -> None:
+    from modules import shared
+
     from ... import api
 
-    api.register_routes(app, get_service(), dependencies=api_dependencies(),
-                        debug=os.environ.get(DEBUG_ENV) == "1")
+    if not api_enabled(shared.cmd_opts):
+        logger.info("Textual Inversion API off: the web UI runs without --api (add it to serve %s)", api.PREFIX)
+        return
+    access = api_access()
+    if access.write_refusal:
+        logger.warning("Textual Inversion API: write routes refused. %s", access.write_refusal)
+    api.register_routes(app, get_service(), dependencies=api_dependencies(), access=access)
 
 
 def on_ui_tabs() -> list[Any]:
@@ -185,4 +196,5 @@ def register() -> None:
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_ui_tabs(on_ui_tabs)
-    logger.info("Textual Inversion extension %s loaded (API under /textual-inversion-ext/v1/)", __version__)
+    logger.info("Textual Inversion extension %s loaded (API under /textual-inversion-ext/v1/ with --api)",
+                __version__)

@@ -43,7 +43,13 @@ SETTINGS = (
     Setting("tiext_log_dir", None, "",
             "Log folder for runs (snapshots, previews, loss CSV); empty = <data dir>/textual_inversion_ext; "
             "never inside the embeddings folder", ours=True),
+    Setting("tiext_api_roots", None, "",
+            "Extra folders the REST API may read and write (datasets, preprocess outputs), separated by ';'; "
+            "the data, embeddings and log folders are always allowed", ours=True),
 )
+
+API_ROOTS_WHERE = ("Settings → Textual Inversion (extension) → \"Extra folders the REST API may read and write\" "
+                   "(tiext_api_roots)")
 
 
 def register_options() -> None:
@@ -89,3 +95,10 @@ def log_root(embeddings_dir: Path) -> Path:
         logger.warning("Log folder %s is inside the embeddings folder %s; using %s instead", root, emb, default)
         return default
     return root
+
+
+def api_roots(data_path: Path) -> list[Path]:
+    """The allow-list setting's folders (`;` or new lines between them; relative ones under the data folder)."""
+    configured = str(_opt("tiext_api_roots", "") or "")
+    entries = (e.strip() for e in configured.replace("\n", ";").split(";"))
+    return [data_path / Path(os.path.expanduser(e)) for e in entries if e]

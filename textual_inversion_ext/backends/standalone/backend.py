@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,9 +25,10 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from transformers import CLIPTextModel
 
-from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen
-from ...core.embedding import SINGLE
-from ...core.errors import ModelError
+from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen, visiting
+from ...core.embedding import SINGLE, check_vectors
+from ...core.errors import Interrupted, ModelError
+from ...core.training.loss import add_noise, per_sample_loss, prediction_target
 from . import splice
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class StandaloneBackend:
         self.info = info
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
+        self.weight_dtype = self.dtype  # the Backend contract's name (the UNet's dtype; loading casts all three)
         self.scheduler_config = dict(scheduler_config)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         if self.noise_scheduler.config.prediction_type != info.prediction:
@@ -97,18 +99,7 @@ class StandaloneBackend:
     def _vectors(self, vectors: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         if not vectors:
             return None
-        if SINGLE not in vectors:
-            raise ModelError(
-                f"This {self.info.family.upper()} model has one text encoder and needs vectors under "
-                f"{SINGLE!r}; got {sorted(vectors)} (an SDXL embedding?)."
-            )
-        vec = vectors[SINGLE]
-        if vec.ndim != 2 or vec.shape[1] != self.embedding_dim:
-            raise ModelError(
-                f"The embedding's vectors have shape {tuple(vec.shape)} but this model's text encoder "
-                f"needs (n, {self.embedding_dim}): it was made for another model family."
-            )
-        return vec
+        return check_vectors(vectors, {SINGLE: self.embedding_dim})[SINGLE]
 
     def encode_text(
         self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor]
@@ -141,19 +132,18 @@ class StandaloneBackend:
         )
 
     def training_loss(
-        self, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, cond: Any, noise: torch.Tensor, timesteps: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # The schedule runs in float32 (alphas near 1 lose precision in fp16); only the UNet casts.
+        # The schedule runs in float32 (core's loss); only the UNet casts to the model dtype.
         latents = latents.to(self.device, torch.float32)
         noise = noise.to(self.device, torch.float32)
         timesteps = timesteps.to(self.device).long()
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        abar = self.noise_scheduler.alphas_cumprod
+        noisy = add_noise(latents, noise, timesteps, abar)
         pred = self.unet(noisy.to(self.dtype), timesteps, encoder_hidden_states=cond.to(self.dtype)).sample
-        if self.info.prediction == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return (pred.float() - target).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+        target = prediction_target(latents, noise, timesteps, self.info.prediction, abar)
+        return per_sample_loss(pred, target, weight)
 
     def preview(
         self,
@@ -168,6 +158,7 @@ class StandaloneBackend:
         cfg_scale: float,
         negative_prompt: str = "",
         sampler: str = "",
+        should_stop: Callable[[], bool] | None = None,
     ) -> Image.Image:
         if sampler and sampler not in SAMPLERS:
             raise ModelError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
@@ -176,7 +167,7 @@ class StandaloneBackend:
         if width % scale or height % scale or width <= 0 or height <= 0:
             raise ValueError(f"preview size {width}x{height} must be positive multiples of {scale}")
         forked = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=forked), self._vae_on_device():
+        with torch.no_grad(), torch.random.fork_rng(devices=forked), visiting(self.vae, self._vae_home):
             cond = self.encode_text([prompt], trigger, vectors)
             neg = self.encode_text([negative_prompt], trigger, vectors)
             # A fresh sampler each time: set_timesteps() mutates it. No tokenizer: we pass embeddings.
@@ -202,6 +193,7 @@ class StandaloneBackend:
                 # A CPU generator gives the same preview on every device for a seed.
                 generator=torch.Generator("cpu").manual_seed(int(seed)),
                 output_type="pil",
+                callback_on_step_end=_stop_check(should_stop, steps) if should_stop else None,
             )
         return result.images[0]
 
@@ -209,17 +201,6 @@ class StandaloneBackend:
         return list(SAMPLERS)
 
     # -------------------------------------------------------------- session
-
-    @contextlib.contextmanager
-    def _vae_on_device(self) -> Iterator[None]:
-        if self._vae_home is None:
-            yield
-            return
-        self.vae.to(self.device)
-        try:
-            yield
-        finally:
-            self.vae.to("cpu")
 
     @contextlib.contextmanager
     def training_session(self, options: TrainingOptions) -> Iterator[None]:
@@ -251,3 +232,15 @@ class StandaloneBackend:
                 self._vae_home = next(self.vae.parameters()).device
                 self.vae.to("cpu")
             yield
+
+
+def _stop_check(should_stop: Callable[[], bool], steps: int) -> Callable[..., dict]:
+    """A diffusers step-end callback that ends sampling when `should_stop()` says so (no decode of a half
+    denoised image: the caller wants none)."""
+
+    def check(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        if should_stop():
+            raise Interrupted(f"Sampling interrupted after step {i + 1} of {steps}.")
+        return kwargs
+
+    return check

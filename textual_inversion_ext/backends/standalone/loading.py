@@ -95,8 +95,9 @@ def detect_family(state: dict[str, torch.Tensor], name: str = "checkpoint") -> s
     keys = state.keys()
     if any(k.startswith(SDXL) for k in keys):
         raise ModelError(
-            f"{name} is an SDXL checkpoint (it has {SDXL}*); the standalone backend supports SD1.x and "
-            "SD2.x checkpoints only. Train SDXL embeddings inside the web UI, or pick an SD1.x/SD2.x model."
+            f"{name} is an SDXL checkpoint (it has {SDXL}*): SDXL training is not supported yet, neither "
+            "standalone nor in the web UI. Pick an SD1.x/SD2.x checkpoint; SDXL embeddings made elsewhere "
+            "still load and convert."
         )
     has_sd1 = any(k.startswith(CLIP_L) for k in keys)
     has_sd2 = any(k.startswith(OPEN_CLIP) for k in keys)

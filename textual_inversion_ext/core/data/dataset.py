@@ -17,7 +17,7 @@ import torch
 
 from ..backend import Backend
 from ..errors import DatasetError
-from . import images
+from . import alpha, images
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class CachedLatent:
     mean: torch.Tensor  # (C, h, w) float32, CPU
     std: torch.Tensor
     sample: torch.Tensor  # the 'once' sample (or the mean for 'deterministic')
+    weight: torch.Tensor | None = None  # (1, h, w) loss weight from the alpha; None = 1 everywhere
 
 
 @dataclass
@@ -59,12 +60,27 @@ class TrainingSet:
             for cached in variants.values():
                 cached.mean, cached.std = cached.mean.pin_memory(), cached.std.pin_memory()
                 cached.sample = cached.sample.pin_memory()
+                if cached.weight is not None:
+                    cached.weight = cached.weight.pin_memory()
 
     def latent(self, index: int, flipped: bool, mode: str, gen: torch.Generator) -> torch.Tensor:
         cached = self.latents[index][flipped]
         if mode == "random":
             return cached.mean + cached.std * torch.randn(cached.mean.shape, generator=gen)
         return cached.sample
+
+    def weights(self, indices: Sequence[int], flips: Sequence[bool]) -> torch.Tensor | None:
+        """Loss weights `(B, 1, h, w)` of a (same-size) batch; None when no image in it has any, so the loss
+        stays the plain mean. An image without transparency weighs 1 everywhere."""
+        return stack_weights([self.latents[i][f].weight for i, f in zip(indices, flips)])
+
+
+def stack_weights(maps: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-image weight maps `(1, h, w)` as a batch `(B, 1, h, w)`, 1 for an image without one; None if none has."""
+    shape = next((m.shape for m in maps if m is not None), None)
+    if shape is None:
+        return None
+    return torch.stack([torch.ones(shape) if m is None else m for m in maps])
 
 
 def prepare(
@@ -76,62 +92,76 @@ def prepare(
     with_flips: bool,
     latent_sampling: str,
     seed: int,
+    alpha_weight: bool = False,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainingSet:
-    """Load, crop and encode every usable image once (and its mirror image when flips are on)."""
+    """Load, crop and encode every usable image once (and its mirror image when flips are on).
+
+    Streamed per bucket chunk: ENCODE_BATCH images are decoded, encoded and their pixels dropped before the
+    next chunk is decoded, so peak RAM does not grow with the dataset (only the small latents stay).
+    `alpha_weight`: cache a loss-weight map from each image's alpha beside its latent (see `alpha`)."""
     if not scan.items:
         raise DatasetError("The dataset has no usable images.")
     skipped = list(scan.report)
-    captions: list[str] = []
-    sizes: list[tuple[int, int]] = []
-    pixels: list[torch.Tensor] = []
-    paths: list[Path] = []
-    for item in scan.items:
-        try:
-            img = images.load_rgb(item.path)
-        except Exception as exc:  # a file that changed or broke since the scan: report it, keep going
-            skipped.append(images.SkippedFile(item.path, f"could not be read: {exc}"))
-            continue
-        size = (
-            images.choose_bucket(img.width, img.height, resolution)
-            if use_buckets
-            else (resolution, resolution)
-        )
-        pixels.append(images.to_tensor(images.resize_and_crop(img, size)))
-        captions.append(item.caption)
-        sizes.append(size)
-        paths.append(item.path)
-    if not captions:
-        raise DatasetError("None of the dataset images could be read; see the skipped-file report.")
-
     variants = (False, True) if with_flips else (False,)
-    latents: list[dict[bool, CachedLatent]] = [{} for _ in captions]
-    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, size in enumerate(sizes):
-        by_size[size].append(i)
-    total, done = len(captions) * len(variants), 0
-    for indices in by_size.values():
-        for start in range(0, len(indices), ENCODE_BATCH):
-            chunk = indices[start : start + ENCODE_BATCH]
-            batch = torch.stack([pixels[i] for i in chunk])
+    buckets = [images.choose_bucket(item.width, item.height, resolution) if use_buckets else (resolution, resolution)
+               for item in scan.items]
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)  # bucket -> indices into scan.items
+    for k, size in enumerate(buckets):
+        by_size[size].append(k)
+    encoded: dict[int, dict[bool, CachedLatent]] = {}  # 'sample' filled in below, once the order is known
+    total, done = len(scan.items) * len(variants), 0
+    for size, members in by_size.items():
+        for start in range(0, len(members), ENCODE_BATCH):
+            if should_stop():
+                raise DatasetError("Interrupted while encoding the dataset.")
+            chunk = members[start : start + ENCODE_BATCH]
+            loaded = [(k, _load(scan.items[k], size, alpha_weight, skipped)) for k in chunk]
+            kept = [(k, *x) for k, x in loaded if x is not None]
+            batch = torch.stack([pixels for _, pixels, _ in kept]) if kept else None
             for flipped in variants:
                 if should_stop():
                     raise DatasetError("Interrupted while encoding the dataset.")
-                x = torch.flip(batch, dims=[3]) if flipped else batch
-                dist = backend.encode_images(x.to(backend.device))
-                for row, i in enumerate(chunk):
-                    mean = dist.mean[row].detach().float().cpu()
-                    std = dist.std[row].detach().float().cpu()
-                    latents[i][flipped] = CachedLatent(
-                        mean, std, _fixed_sample(mean, std, latent_sampling, derive_seed(seed, i, int(flipped)))
-                    )
-                done += len(chunk)
+                if batch is not None:
+                    dist = backend.encode_images((torch.flip(batch, dims=[3]) if flipped else batch).to(backend.device))
+                    for row, (k, _, pixel_weight) in enumerate(kept):
+                        mean, std = dist.mean[row].detach().float().cpu(), dist.std[row].detach().float().cpu()
+                        if pixel_weight is not None and flipped:
+                            pixel_weight = torch.flip(pixel_weight, dims=[2])
+                        weight = alpha.latent_weight(pixel_weight, tuple(mean.shape[-2:]))
+                        encoded.setdefault(k, {})[flipped] = CachedLatent(mean, std, mean, weight)
+                done += len(loaded)
                 if progress:
                     progress(done, total)
+            del loaded, kept, batch  # the chunk's pixels go before the next chunk is decoded
+    if not encoded:
+        raise DatasetError("None of the dataset images could be used; see the skipped-file report.")
     if len(by_size) > 1:
         logger.info("Aspect buckets: %s", ", ".join(f"{w}x{h}: {len(v)}" for (w, h), v in by_size.items()))
-    return TrainingSet(captions, sizes, latents, skipped, paths)
+    # Scan order, and 'once' samples seeded by the place in it: the same set as when all was decoded first.
+    order = sorted(encoded)
+    for i, k in enumerate(order):
+        for flipped, cached in encoded[k].items():
+            cached.sample = _fixed_sample(cached.mean, cached.std, latent_sampling, derive_seed(seed, i, int(flipped)))
+    return TrainingSet([scan.items[k].caption for k in order], [buckets[k] for k in order],
+                       [encoded[k] for k in order], skipped, [scan.items[k].path for k in order])
+
+
+def _load(item: images.ImageItem, size: tuple[int, int], alpha_weight: bool, skipped: list[images.SkippedFile]
+          ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Pixels `(3, H, W)` at `size` and, with `alpha_weight`, the pixel weight `(1, H, W)` (None = opaque);
+    None (and a report line) for an image that broke since the scan or has nothing visible."""
+    try:
+        pixels = images.to_tensor(images.resize_and_crop(images.load_rgb(item.path), size))
+        weight = alpha.pixel_weight(alpha.load_alpha(item.path), size) if alpha_weight else None
+    except Exception as exc:  # a file that changed or broke since the scan: report it, keep going
+        skipped.append(images.SkippedFile(item.path, f"could not be read: {exc}"))
+        return None
+    if alpha.too_transparent(weight):
+        skipped.append(images.SkippedFile(item.path, alpha.TRANSPARENT_REASON))
+        return None
+    return pixels, weight
 
 
 def _fixed_sample(mean: torch.Tensor, std: torch.Tensor, mode: str, seed: int) -> torch.Tensor:

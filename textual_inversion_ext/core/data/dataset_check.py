@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from ..params import param, validate
+from .alpha import MIN_COVERAGE, alpha_of, coverage
 from .images import (
     CAPTION_SUFFIX,
     caption_from_filename,
@@ -32,6 +33,7 @@ from .images import (
     has_hidden_alpha,
     list_files,
     read_error_reason,
+    size_problem,
     to_rgb,
 )
 
@@ -40,7 +42,6 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, str], None]
 
 ERROR, WARNING, INFO = "error", "warning", "info"
-TRAIN_MIN_SIDE = 64  # images.scan_dataset's default: smaller images are skipped by training
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # Words an init text carries that say nothing about the subject.
@@ -68,8 +69,9 @@ class CheckParams:
 @dataclass(frozen=True)
 class Finding:
     path: Path
-    kind: str  # unreadable, not_image, too_small_to_train, small, aspect, duplicate, mode, exif_rotation,
-    #            caption_missing, caption_empty, caption_subject, caption_unreadable, caption_orphan, folder
+    kind: str  # unreadable, not_image, too_small_to_train, too_thin_to_train, small, aspect, duplicate, mode,
+    #            transparent, exif_rotation, caption_missing, caption_empty, caption_subject, caption_unreadable,
+    #            caption_orphan, folder
     severity: str  # error (not used by training), warning (used, but worth fixing), info
     message: str
 
@@ -111,6 +113,7 @@ class _Probe:
     hidden_alpha: bool
     orientation: int
     dhash: int
+    visible: float = 1.0  # mean opacity (1 without transparency)
 
 
 def dhash(img: Image.Image) -> int:
@@ -135,8 +138,9 @@ def _probe(path: Path) -> _Probe:
             except Exception:  # broken EXIF: the image itself may still be fine
                 orientation = 1
             img.load()  # truncated files fail here
-            upright = to_rgb(exif_transpose(img, path))
-            return _Probe(upright.size, mode, hidden, orientation, dhash(upright))
+            turned = exif_transpose(img, path)
+            upright = to_rgb(turned)
+            return _Probe(upright.size, mode, hidden, orientation, dhash(upright), coverage(alpha_of(turned)))
 
 
 def _mode_note(p: _Probe) -> str | None:
@@ -226,9 +230,9 @@ def _check_image(path: Path, params: CheckParams, report: CheckReport) -> _Probe
         add(Finding(path, kind, INFO if kind == "not_image" else ERROR, reason))
         return None
     w, h = p.size
-    if min(w, h) < TRAIN_MIN_SIDE:
-        add(Finding(path, "too_small_to_train", ERROR,
-                    f"{w}×{h} px: training skips images with a side under {TRAIN_MIN_SIDE} px"))
+    if (problem := size_problem(w, h)) is not None:  # the rule training and preprocess apply too
+        kind = "too_small_to_train" if problem.startswith("too small") else "too_thin_to_train"
+        add(Finding(path, kind, ERROR, f"{problem}: training and preprocess skip it"))
         return None
     scale = max(params.width / w, params.height / h)
     if scale > 1.0:
@@ -241,6 +245,9 @@ def _check_image(path: Path, params: CheckParams, report: CheckReport) -> _Probe
                     f"crop keeps {keep:.0%} of it; consider preprocess --split"))
     if (note := _mode_note(p)) is not None:
         add(Finding(path, "mode", INFO, note))
+    if p.visible < MIN_COVERAGE:
+        add(Finding(path, "transparent", WARNING, "(almost) fully transparent: it trains as a plain white image, "
+                    "and with 'Use PNG alpha channel as loss weight' it is skipped; remove it or fix its alpha"))
     if p.orientation not in (0, 1):
         add(Finding(path, "exif_rotation", INFO, f"EXIF orientation {p.orientation}: used upright ({w}×{h})"))
     return p

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 # embedding a grey backdrop that no prompt asks for.
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
+# One size rule for preprocessing, the dataset check and training: a picture with a shorter side under MIN_SIDE,
+# or longer than MAX_ASPECT times its shorter side, holds too little of the subject at the model's resolution to
+# learn from, however it is enlarged or cropped (preprocess would otherwise turn a 1×1 pixel into a flat "image").
+MIN_SIDE = 64
+MAX_ASPECT = 16.0
+
 CAPTION_SUFFIX = ".txt"
 # Extensions Pillow usually reads; only used to word the skip reason ("corrupt" vs "not an image").
 IMAGE_SUFFIXES = frozenset(
@@ -163,6 +169,15 @@ def read_error_reason(path: Path, exc: BaseException) -> str:
     return f"cannot be decoded: {type(exc).__name__}: {exc}"
 
 
+def size_problem(width: int, height: int, min_side: int = MIN_SIDE) -> str | None:
+    """Why an image of this size cannot be used (the shared rule above), or None."""
+    if min(width, height) < min_side:
+        return f"too small: {width}×{height} px, the shorter side must be at least {min_side} px"
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"too thin: {width}×{height} px, the longer side may be at most {MAX_ASPECT:g}× the shorter"
+    return None
+
+
 def _probe(path: Path, min_side: int) -> tuple[int, int] | str:
     """(width, height) of a usable image, or the reason it cannot be used. Never raises."""
     try:
@@ -175,9 +190,7 @@ def _probe(path: Path, min_side: int) -> tuple[int, int] | str:
     except Exception as exc:
         logger.debug("Cannot use %s", path, exc_info=True)
         return read_error_reason(path, exc)
-    if min(width, height) < min_side:
-        return f"too small: {width}×{height} px, the shorter side must be at least {min_side} px"
-    return width, height
+    return size_problem(width, height, min_side) or (width, height)
 
 
 def caption_from_filename(stem: str) -> str:
@@ -238,7 +251,7 @@ def find_caption(image: Path, index: dict[tuple[Path, str], Path]) -> Path | Non
 
 
 def scan_dataset(
-    folder: str | os.PathLike[str], *, recursive: bool = False, min_side: int = 64
+    folder: str | os.PathLike[str], *, recursive: bool = False, min_side: int = MIN_SIDE
 ) -> DatasetScan:
     """Find the usable images (sorted by path) and their captions; list every other file and why.
 

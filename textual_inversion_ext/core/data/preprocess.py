@@ -37,6 +37,7 @@ from .images import (
     load_rgb,
     read_error_reason,
     resize_and_crop,
+    size_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,9 @@ class _Pipeline:
         except Exception as exc:
             logger.debug("Cannot read %s", job.path, exc_info=True)
             return FileReport(job.path, "skipped", notes=[read_error_reason(job.path, exc)])
+        if (problem := size_problem(*img.size)) is not None:  # no enlarging it into an output training would refuse
+            return FileReport(job.path, "skipped", notes=[*job.notes, f"{problem} (the dataset check and training "
+                                                                       "skip such images too)"])
         try:
             self._process(img, job, report)
         except Exception as exc:  # a write error or a bug on one image must not end the batch
@@ -427,6 +431,9 @@ def preprocess(
     done = len(result.files) - len(listing_skips)
     if result.status == "interrupted":
         result.messages.append(f"Interrupted after {done} of {len(jobs)} file(s); outputs so far are kept.")
+    elif not result.outputs:
+        result.messages.append(f"Nothing was produced: {src} has no usable image" + (
+            f" ({len(result.problems)} file(s) skipped or failed)." if result.problems else "."))
     logger.debug("%s", result.summary())
     return result
 

@@ -1,11 +1,15 @@
 """diffusers' `learned_embeds` files: `{token: (n, dim)}` as .bin (torch.save) or .safetensors, and the
 SDXL pair `learned_embeds(.ext)` (text_encoder = clip_l) + `learned_embeds_2(.ext)` (text_encoder_2 = clip_g).
+
+diffusers' SDXL training script saves checkpoints as `learned_embeds-steps-N` + `learned_embeds_2-steps-N`:
+the `_2` goes before the `-steps-N` part, so the pair rule splits that part off first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,9 +28,32 @@ def token_for(embedding: Embedding) -> str:
     return embedding.extra.get("token") or embedding.name
 
 
+_STEPS_SUFFIX = re.compile(r"^(?P<base>.*?)(?P<steps>-steps-\d+)?$", re.DOTALL)
+
+
+def _split_steps(stem: str) -> tuple[str, str]:
+    match = _STEPS_SUFFIX.match(stem)
+    return (match["base"], match["steps"] or "") if match else (stem, "")
+
+
 def sibling_path(path: Path) -> Path:
-    """diffusers names the text_encoder_2 file like the first one with `_2` before the suffix."""
-    return path.with_name(f"{path.stem}_2{path.suffix}")
+    """The text_encoder_2 (clip_g) file of a pair: `_2` before the suffix and before any `-steps-N`."""
+    base, steps = _split_steps(path.stem)
+    return path.with_name(f"{base}_2{steps}{path.suffix}")
+
+
+def first_half_path(path: Path) -> Path | None:
+    """The text_encoder (clip_l) file for a `_2` file (the inverse of sibling_path); None without `_2`."""
+    base, steps = _split_steps(path.stem)
+    if not base.endswith("_2") or len(base) == 2:
+        return None
+    return path.with_name(f"{base[:-2]}{steps}{path.suffix}")
+
+
+def is_clip_g_half(decoded: Decoded) -> bool:
+    """A single-key file as wide as SDXL's second text encoder: only diffusers' `_2` half looks so."""
+    t = decoded.vectors.get(SINGLE)
+    return decoded.layout == "single-key" and t is not None and t.shape[1] == SDXL_DIMS["clip_g"]
 
 
 def is_pair(first: Decoded, second: Decoded) -> bool:
@@ -55,7 +82,14 @@ def join_pair(first: Decoded, second: Decoded) -> Decoded:
     )
 
 
+def _layout(vectors: torch.Tensor) -> torch.Tensor:
+    # One vector as (dim,): InvokeAI reads a diffusers file's width from shape[0] and so rejects (1, dim);
+    # diffusers and A1111 load both layouts. Several vectors have no layout InvokeAI accepts.
+    return vectors[0] if vectors.shape[0] == 1 else vectors
+
+
 def _write_one(tensors: dict[str, torch.Tensor], embedding: Embedding, tmp: Path, suffix: str) -> None:
+    tensors = {k: _layout(v) for k, v in tensors.items()}
     if suffix == ".bin":
         # diffusers (and A1111) expect the token to be the only key, so no metadata in .bin files
         torch.save(tensors, tmp)

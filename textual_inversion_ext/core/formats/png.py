@@ -125,7 +125,16 @@ def extract_payload(rgb: np.ndarray, where: str = "image") -> bytes | None:
         return None
     lower = _unmask(low[:, : separators[0], :])
     upper = _unmask(low[:, separators[-1] + 1 :, :])
-    if lower.shape != upper.shape or lower.size == 0:
+    if lower.size == 0 or upper.size == 0:
+        if lower.size == upper.size:
+            detail = "both pixel data blocks are empty (the separator columns are the image's outer columns)"
+        else:
+            side = "left of the first" if lower.size == 0 else "right of the last"
+            detail = f"the pixel data block {side} separator column is empty"
+        raise EmbeddingFormatError(
+            f"{where}: {detail}; the image was cropped or edited, or it is not an embedding image."
+        )
+    if lower.shape != upper.shape:
         raise EmbeddingFormatError(
             f"{where}: the two pixel data blocks differ in size {lower.shape} vs {upper.shape}; "
             "the image was edited or it is not an embedding image."
@@ -230,8 +239,9 @@ def read(path: Path) -> tuple[Decoded, str]:
             im.load()
             text = dict(getattr(im, "text", None) or {})
             rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise EmbeddingFormatError(f"{path.name} is a damaged or truncated image ({exc}).") from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, MemoryError... on bad files
+        detail = str(exc).strip()[:200] or type(exc).__name__
+        raise EmbeddingFormatError(f"{path.name} is a damaged or truncated image ({detail}).") from exc
 
     text_error: EmbeddingFormatError | None = None
     if TEXT_KEY in text:

@@ -6,14 +6,13 @@ that only want tensors (A1111's `load_file`, diffusers) never see.
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..embedding import SDXL_KEYS, SINGLE, Embedding
@@ -40,7 +39,11 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+    except MemoryError as exc:
+        raise EmbeddingFormatError(
+            f"{path.name} is damaged: its header declares more data than fits in memory; copy it again."
+        ) from exc
+    except Exception as exc:  # SafetensorError, OSError, ValueError, ...: whatever bad bytes cause
         raise EmbeddingFormatError(
             f"{path.name} is a damaged or truncated .safetensors file ({exc}); copy it again or use a backup."
         ) from exc

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import textwrap
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,8 +15,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import formats
 from ..backend import Backend
-from ..errors import TIError
+from ..errors import Interrupted, TIError
 from .previews import PreviewSettings
+from .validation import FORWARD_COST
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,43 @@ def columns_from(files: Sequence[Path], final: Path | None = None) -> list[tuple
     return columns
 
 
+@dataclass(frozen=True)
+class GridCost:
+    """What a grid will take, told before it starts."""
+
+    images: int
+    steps: int  # sampling steps per image
+    seconds: float | None  # estimated; None = no training speed to go by
+
+    def text(self) -> str:
+        about = f", about {duration(self.seconds)}" if self.seconds is not None else ""
+        return (f"Comparison grid: {self.images} images × {self.steps} sampling steps{about}. Interrupt skips it "
+                "(the embedding is already saved); turn 'Comparison grid' off to skip it in later runs.")
+
+
+def estimate_cost(images: int, settings: PreviewSettings, run: Mapping) -> GridCost:
+    """From a run record (`run.json`): a sampling step runs the UNet on 2 samples (with and without the prompt)
+    at the preview size; a training step ran `batch × accumulation` samples, each a forward and a backward
+    (≥ 1/FORWARD_COST forwards), at the training size."""
+    s_per_step = run.get("s_per_step")
+    if not s_per_step:
+        return GridCost(images, settings.steps, None)
+    params, side = run.get("params", {}), run.get("resolution") or settings.width
+    samples = max(1, int(params.get("batch_size", 1)) * int(params.get("grad_accum", 1)))
+    per_forward = s_per_step / samples * FORWARD_COST * settings.width * settings.height / side**2
+    return GridCost(images, settings.steps, images * settings.steps * 2 * per_forward)
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '1 h 05 min'."""
+    s = round(seconds)
+    if s < 90:
+        return f"{s} s"
+    if s < 3600:
+        return f"{round(s / 60)} min"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def render_grid(backend: Backend, trigger: str, columns: Sequence[tuple[str, dict[str, torch.Tensor]]],
                 prompts: Sequence[str], settings: PreviewSettings, *,
                 progress: Callable[[int, int], None] | None = None,
@@ -73,9 +112,13 @@ def render_grid(backend: Backend, trigger: str, columns: Sequence[tuple[str, dic
         wrapped = "\n".join(textwrap.wrap(prompt, 26)[: max(1, h // 16)])
         draw.multiline_text((4, y + 4), wrapped, fill="black", font=_font(12))
         for c, (_, vectors) in enumerate(columns):
-            if stop is not None and stop.is_set():
-                raise TIError("Interrupted while rendering the comparison grid.")
-            image = settings.render(backend, prompt, trigger, vectors)
+            try:
+                if stop is not None and stop.is_set():
+                    raise Interrupted("stopped")
+                # The backend checks `stop` between sampling steps too: an interrupt does not wait for a cell.
+                image = settings.render(backend, prompt, trigger, vectors, stop.is_set if stop else None)
+            except Interrupted as exc:
+                raise Interrupted(f"Comparison grid interrupted after {done} of {total} images.") from exc
             grid.paste(image.convert("RGB").resize((w, h)), (LABEL_WIDTH + c * (w + PAD), y))
             done += 1
             if progress:

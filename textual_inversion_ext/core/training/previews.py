@@ -4,6 +4,7 @@ conditioning), during training and for the comparison grid."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +34,15 @@ class PreviewSettings:
                    params.preview_width or size[0], params.preview_height or size[1],
                    params.preview_negative, params.preview_sampler)
 
-    def render(self, backend: Backend, prompt: str, trigger: str,
-               vectors: dict[str, torch.Tensor]) -> Image.Image:
+    def render(self, backend: Backend, prompt: str, trigger: str, vectors: dict[str, torch.Tensor],
+               should_stop: Callable[[], bool] | None = None) -> Image.Image:
+        """`should_stop`: checked by the backend between sampling steps (it raises `Interrupted`)."""
+        stop = {"should_stop": should_stop} if should_stop is not None else {}  # older backends lack it
         with torch.no_grad():
             return backend.preview(prompt, trigger, {k: v.detach().clone() for k, v in vectors.items()},
                                    seed=self.seed, steps=self.steps, width=self.width, height=self.height,
                                    cfg_scale=self.cfg_scale, negative_prompt=self.negative_prompt,
-                                   sampler=self.sampler)
+                                   sampler=self.sampler, **stop)
 
 
 def preview_prompts(params: TrainParams, template_lines: list[str], name: str, caption: str) -> list[str]:

@@ -20,14 +20,17 @@ from ..backend import Backend
 from ..data import images
 from ..data.dataset import TrainingSet, prepare
 from ..data.templates import load_template
-from ..errors import TIError
+from ..embedding import validate_name
+from ..errors import InvalidNameError, TIError
 from ..fileio import atomic_write_text
 from ..params import to_record, validate
 from . import grid
+from .precision import resolve_precision
 from .previews import PreviewSettings, preview_prompts, save_png
+from .schedule import LRSchedule
 from .train_params import TrainParams
 from .trainer import ArtifactCallback, ProgressCallback, RunPaths, TrainResult, sidecar_path, train
-from .validation import split_indices
+from .validation import plan_for, split_indices
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,14 @@ def new_log_dir(log_root: Path, name: str) -> Path:
     return path
 
 
+def name_from_file(name: str, path: Path) -> str:
+    """A name read from `path` (a PNG card's stored name, a run record's), checked like a name typed by the user."""
+    try:
+        return validate_name(name)
+    except InvalidNameError as exc:
+        raise InvalidNameError(f"{path.name} holds a name this tool cannot use: {exc}") from None
+
+
 def run_training(
     backend: Backend,
     request: RunRequest,
@@ -75,15 +86,20 @@ def run_training(
     status: Callable[[str], None] = logger.info,
     stop: threading.Event | None = None,
     on_artifact: ArtifactCallback | None = None,
+    on_grid: Callable[[grid.GridCost], None] | None = None,
 ) -> RunOutcome:
+    """`on_grid`: called with the comparison grid's estimated cost just before it starts (after training)."""
     params = request.params
     validate(params)
+    precision = resolve_precision(params, backend)  # before any work: a refused choice costs nothing
     source = request.resume_from or request.embedding_path
     loaded = formats.load_embedding(source)
     embedding = loaded.embedding
     if request.resume_from is not None:
         # A snapshot is named `<name>-<step>`; the embedding keeps the name of the file it replaces.
         embedding.name = formats.load_embedding(request.embedding_path).embedding.name
+    # The name becomes the log folder and file names: a stored name ('../x', '/abs') is checked like a typed one.
+    embedding.name = name_from_file(embedding.name, request.embedding_path)
     _check_dims(embedding.dims, backend.info.encoders, source)
     template_lines = load_template(params.template)
     resolution = params.resolution or backend.info.resolution
@@ -93,7 +109,7 @@ def run_training(
     status(f"Encoding {len(scan.items)} images at {resolution}px…")
     everything = prepare(
         backend, scan, resolution=resolution, use_buckets=params.buckets, with_flips=params.flip_p > 0,
-        latent_sampling=params.latent_sampling, seed=params.seed,
+        latent_sampling=params.latent_sampling, seed=params.seed, alpha_weight=params.alpha_weight,
         should_stop=(stop.is_set if stop else lambda: False),
     )
     train_idx, val_idx = split_indices(len(everything), params.val_split)
@@ -101,7 +117,8 @@ def run_training(
     held_out = everything.subset(val_idx) if val_idx else None
     paths = RunPaths(final=request.output_path or request.embedding_path,
                      log_dir=new_log_dir(request.log_root, embedding.name))
-    optimizer_state = formats.load_optimizer_state(embedding, source)
+    saved_state = formats.load_training_state(embedding, source)
+    optimizer_state = saved_state.optimizer if saved_state else None
     record: dict[str, Any] = {
         "tool": "textual_inversion_ext",
         "version": __version__,
@@ -117,6 +134,7 @@ def run_training(
                     "skipped": [{"file": s.path.name, "reason": s.reason} for s in data.skipped]},
         "resolution": resolution,
         "params": to_record(params),
+        "precision": precision.record(),
         "resumed_optimizer": optimizer_state is not None,
         "log_dir": str(paths.log_dir),
         "preview": _preview_record(params, embedding.name, data, template_lines),
@@ -125,8 +143,17 @@ def run_training(
     atomic_write_text(record_path, json.dumps(record, indent=2))
 
     def write_sidecar(path: Path, facts: dict[str, Any]) -> None:
-        atomic_write_text(sidecar_path(path), json.dumps({**record, "saved": {"file": path.name, **facts}}, indent=2))
+        try:
+            atomic_write_text(sidecar_path(path), json.dumps({**record, "saved": {"file": path.name, **facts}},
+                                                             indent=2))
+        except OSError as exc:  # the embedding itself was written: a missing record is a note, not a failed save
+            logger.warning("No run record beside %s: %s", path.name, exc)
 
+    # Told before the run: how much validation the budget allows (core/training/validation.py).
+    end_step = LRSchedule(params.learn_rate, params.max_steps, embedding.step).end_step
+    val_plan = plan_for(params, embedding.step, end_step, len(held_out or data))
+    record["validation_plan"] = dataclasses.asdict(val_plan)
+    status(val_plan.note)
     started = time.perf_counter()
 
     def timing() -> None:
@@ -138,7 +165,8 @@ def run_training(
     try:
         result = train(backend, embedding, data, params, paths, template_lines=template_lines,
                        progress=progress, stop=stop, optimizer_state=optimizer_state, on_artifact=on_artifact,
-                       on_saved=write_sidecar, validation_data=held_out)
+                       on_saved=write_sidecar, validation_data=held_out,
+                       scaler_state=saved_state.scaler if saved_state else None, precision=precision)
     except BaseException:
         timing()  # the record still says how far the run got
         atomic_write_text(record_path, json.dumps(record, indent=2))
@@ -152,7 +180,7 @@ def run_training(
     grid_path = None
     if params.comparison_grid and result.status == "finished" and not (stop and stop.is_set()):
         try:
-            grid_path = render_run_grid(backend, paths.log_dir, status=status, stop=stop)
+            grid_path = render_run_grid(backend, paths.log_dir, status=status, stop=stop, on_start=on_grid)
         except TIError as exc:  # no grid is a note, never a lost run
             status(f"No comparison grid: {exc}")
             logger.warning("No comparison grid: %s", exc)
@@ -169,20 +197,41 @@ def _preview_record(params: TrainParams, name: str, data: TrainingSet, template_
 
 
 def render_run_grid(backend: Backend, log_dir: Path, prompts: str = "", *, status: Callable[[str], None] = logger.info,
-                    stop: threading.Event | None = None) -> Path:
+                    stop: threading.Event | None = None,
+                    on_start: Callable[[grid.GridCost], None] | None = None) -> Path:
     """The comparison grid of a finished run (from its `run.json`): snapshots × prompts, same seed.
-    `prompts`: one per line, replacing the run's preview prompts."""
+    `prompts`: one per line, replacing the run's preview prompts. Its estimated cost goes to `status` (and
+    `on_start`) before the first image; `stop` ends it between sampling steps."""
+    name, columns, lines, settings, cost = _grid_inputs(log_dir, prompts)
+    status(cost.text())
+    if on_start is not None:
+        on_start(cost)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        left = (time.perf_counter() - started) / done * (total - done)  # measured now, not estimated
+        status(f"Comparison grid: {done}/{total} images" + (f", about {grid.duration(left)} left" if left else "")
+               + (" (Interrupt skips the rest)" if done < total else ""))
+
+    image = grid.render_grid(backend, name, columns, lines, settings, stop=stop, progress=progress)
+    return save_png(image, Path(log_dir) / f"{name}-comparison.png")
+
+
+def grid_cost(log_dir: Path, prompts: str = "") -> grid.GridCost:
+    """What `render_run_grid` would take (told before starting it on demand)."""
+    return _grid_inputs(log_dir, prompts)[-1]
+
+
+def _grid_inputs(log_dir: Path, prompts: str) -> tuple[str, list, list[str], PreviewSettings, grid.GridCost]:
+    """(name, columns, prompts, settings, estimated cost) of a run's grid, from its `run.json`."""
     record = json.loads((Path(log_dir) / "run.json").read_text("utf-8"))
-    name = record["embedding"]["name"]
+    name = name_from_file(record["embedding"]["name"], Path(log_dir) / "run.json")
     preview = record["preview"]
     lines = [line.strip() for line in prompts.splitlines() if line.strip()] or preview["prompts"]
     settings = PreviewSettings(**preview["settings"])
     final = Path(record.get("final") or record["embedding"]["file"])
     columns = grid.columns_from(grid.snapshot_files(Path(log_dir) / "embeddings", name), final)
-    status(f"Rendering the comparison grid ({len(columns)} × {len(lines)})…")
-    image = grid.render_grid(backend, name, columns, lines, settings, stop=stop,
-                             progress=lambda done, total: status(f"Comparison grid: {done}/{total} images"))
-    return save_png(image, Path(log_dir) / f"{name}-comparison.png")
+    return name, columns, lines, settings, grid.estimate_cost(len(columns) * len(lines), settings, record)
 
 
 def _check_dims(have: dict[str, int], want: dict[str, int], path: Path) -> None:

@@ -196,10 +196,6 @@ class LRSchedule:
                 what.capitalize(), self.end_step, format_schedule(ignored),
             )
 
-    @property
-    def initial_rate(self) -> float:
-        return self.rate_at(self.start_step)
-
     def finished(self, step: int) -> bool:
         return step >= self.end_step
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import formats
-from ..errors import TIError
-from ..fileio import atomic_path, atomic_write_text
+from ..embedding import Embedding
+from ..errors import UnsafeFileError
+from ..fileio import atomic_write_text
 from .grid import snapshot_files, snapshot_step
 from .trainer import sidecar_path
 
@@ -55,6 +55,16 @@ def list_snapshots(log_root: Path, name: str) -> list[Snapshot]:
     return out
 
 
+def _checked_training_state(emb: Embedding, snapshot: Path) -> formats.TrainingState | None:
+    """The snapshot's `.optim` as the safe loader reads it, or None when missing, damaged, stale or hostile (then it
+    is left out with a warning: a resume from the promoted file starts a fresh optimizer)."""
+    try:
+        return formats.load_training_state(emb, snapshot)
+    except UnsafeFileError as exc:
+        logger.warning("Not promoting the optimizer state of %s: %s", snapshot.name, exc)
+        return None
+
+
 def promote(snapshot: Path, target: Path) -> Path:
     """Write `snapshot`'s vectors to `target` (its format from the suffix) under the target's name, with
     its optimizer state and a sidecar saying where it came from. Atomic: `target` is replaced at once."""
@@ -62,10 +72,9 @@ def promote(snapshot: Path, target: Path) -> Path:
     emb = formats.load_embedding(snapshot).embedding
     emb.name = Path(target).stem  # the trigger word is the file stem, not the snapshot's `<name>-<step>`
     formats.save_embedding(emb, target)
-    optim = formats.optim_path(snapshot)
-    if optim.is_file():
-        with atomic_path(formats.optim_path(target)) as tmp:
-            shutil.copyfile(optim, tmp)
+    state = _checked_training_state(emb, snapshot)
+    if state is not None:  # re-written from what the safe loader read: nothing else of the file travels
+        formats.save_optimizer_state(emb, target, state.optimizer, state.scaler)
     else:
         formats.optim_path(target).unlink(missing_ok=True)  # a stale state would not match these vectors
     record = _read_json(sidecar_path(snapshot))
@@ -75,11 +84,3 @@ def promote(snapshot: Path, target: Path) -> Path:
     return target
 
 
-def check_inside(path: Path, root: Path) -> Path:
-    """`path` resolved, refused unless it lies under `root` (API callers name files by path)."""
-    resolved = Path(path).expanduser().resolve()
-    if not resolved.is_relative_to(Path(root).resolve()):
-        raise TIError(f"{path} is not a snapshot of this tool (it must lie under {root}).")
-    if not resolved.is_file():
-        raise TIError(f"The snapshot {path} does not exist.")
-    return resolved

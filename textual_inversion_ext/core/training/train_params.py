@@ -43,12 +43,18 @@ class TrainParams:
     latent_sampling: str = param("once", "Latent sampling",
                                  "'once': sample each image's latent once; 'deterministic': use its mean; "
                                  "'random': resample every step.", choices=LATENT_SAMPLING)
+    alpha_weight: bool = param(False, "Use PNG alpha channel as loss weight",
+                               "Weight each pixel's loss by its opacity, as in A1111: transparent parts teach "
+                               "nothing. Images without transparency weigh 1 everywhere; (almost) fully "
+                               "transparent ones are skipped.")
     clip_grad_mode: str = param("disabled", "Gradient clipping", "Clip gradients by value or norm (after "
                                 "unscaling).", choices=CLIP_GRAD_MODES, section="optimizer")
     clip_grad_value: str = param("0.1", "Clip value", "Clip threshold; a number or a schedule like the LR.",
                                  section="optimizer")
     precision: str = param("auto", "Precision",
-                           "'auto': fp16/bf16 autocast on CUDA, fp32 on CPU; the embedding always stays fp32.",
+                           "'auto': compute in the dtype the model is loaded in (fp16/bf16 on GPU, fp32 on CPU); "
+                           "fp16/bf16 on an fp32 model: mixed precision; a choice the loaded model cannot run is "
+                           "refused before training. The embedding always stays fp32.",
                            choices=PRECISIONS, section="performance")
     gradient_checkpointing: bool = param(False, "Gradient checkpointing",
                                          "Trade speed for memory in the UNet (off: faster).",
@@ -99,6 +105,11 @@ class TrainParams:
                              minimum=0.0, maximum=0.5, step=0.05, section="validation")
     val_timesteps: int = param(4, "Validation timesteps", "Fixed noise levels per image in the validation loss.",
                                minimum=1, maximum=32, section="validation")
+    val_budget: float = param(0.1, "Validation budget",
+                              "Most of the training time validation may take (0.1 = 10 %): when the images × "
+                              "timesteps at every N steps would cost more, fewer (fixed) samples are used and N "
+                              "grows; a run too short for even a start and end check skips it. 0 = no limit.",
+                              minimum=0.0, maximum=1.0, step=0.05, section="validation")
     overtrain_patience: int = param(3, "Overtraining patience",
                                     "Warn when the validation loss rose this many evaluations in a row while the "
                                     "training loss fell.", minimum=1, maximum=100, section="validation")

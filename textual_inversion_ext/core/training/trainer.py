@@ -28,12 +28,14 @@ from ..data.templates import PromptBuilder
 from ..embedding import Embedding
 from ..errors import TrainingError
 from . import health
+from .fallback import save_with_fallback
 from .grid import snapshot_step
 from .metrics import LossCsv, Progress, StepTimer
+from .precision import Precision, resolve_precision
 from .previews import PreviewSettings, preview_prompts, save_png
 from .schedule import LRSchedule
 from .train_params import TrainParams
-from .validation import ValidationSet, ValidationTracker
+from .validation import ValidationPlan, ValidationSet, ValidationTracker, plan_for
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     recoveries: list[str] = field(default_factory=list)  # non-finite losses rolled back
     early_stopped: bool = False
+    validation_plan: ValidationPlan | None = None  # when and on how much validation ran
 
 
 @dataclass
@@ -95,17 +98,6 @@ class _State:
     good_optim: dict[str, Any]  # the optimizer state that goes with them
     good_step: int
     step: int
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. CPU autocast is opt-in: it is rarely faster there."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def train(
@@ -122,12 +114,16 @@ def train(
     on_artifact: ArtifactCallback | None = None,
     on_saved: SavedCallback | None = None,
     validation_data: TrainingSet | None = None,
+    scaler_state: dict | None = None,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Train `embedding` in place (its vectors and step are updated) and save it to `paths.final`.
 
-    `validation_data`: held-out images for the validation loss; None = the training images."""
+    `validation_data`: held-out images for the validation loss; None = the training images. `scaler_state`: the
+    GradScaler state saved with `optimizer_state` (fp16 runs). `precision`: as `resolve_precision` decided it
+    (None = decide here)."""
     run = _Run(backend, embedding, data, params, paths, template_lines, progress, stop or threading.Event(),
-               optimizer_state, on_artifact, on_saved, validation_data)
+               optimizer_state, on_artifact, on_saved, validation_data, scaler_state, precision)
     return run.run()
 
 
@@ -137,7 +133,8 @@ class _Run:
     def __init__(self, backend: Backend, embedding: Embedding, data: TrainingSet, params: TrainParams,
                  paths: RunPaths, template_lines: list[str], progress: ProgressCallback | None,
                  stop: threading.Event, optimizer_state: dict | None, on_artifact: ArtifactCallback | None,
-                 on_saved: SavedCallback | None, validation_data: TrainingSet | None) -> None:
+                 on_saved: SavedCallback | None, validation_data: TrainingSet | None,
+                 scaler_state: dict | None = None, precision: Precision | None = None) -> None:
         self.backend, self.embedding, self.data, self.p, self.paths = backend, embedding, data, params, paths
         self.progress, self.stop, self.on_artifact, self.on_saved = progress, stop, on_artifact, on_saved
         p, device = params, backend.device
@@ -152,8 +149,11 @@ class _Run:
         self.start_step = embedding.step
         self.lr_scale = p.batch_size * p.grad_accum if p.scale_lr else 1
         self.lr_factor = 1.0  # halved by every recovery from a non-finite loss
-        self.amp_dtype = autocast_dtype(p.precision, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.precision = precision or resolve_precision(p, backend)
+        self.amp_dtype = self.precision.autocast
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.grad_scaler)
+        if scaler_state and self.scaler.is_enabled():  # the loss scale an uninterrupted fp16 run would have now
+            self.scaler.load_state_dict(scaler_state)
         vectors = {k: v.detach().to(device, torch.float32).clone().requires_grad_(True)
                    for k, v in embedding.vectors.items()}
         self.optimizer = torch.optim.AdamW(list(vectors.values()), lr=self._lr(embedding.step), weight_decay=0.0)
@@ -171,17 +171,22 @@ class _Run:
         self.steps_per_epoch = max(1, self.batches.order.batches_per_epoch // p.grad_accum)
         self.previews = preview_prompts(p, template_lines, embedding.name, data.captions[0])
         self.preview_settings = PreviewSettings.from_params(p, data.buckets[0])
-        self.val_set = (ValidationSet(backend, validation_data or data, embedding.name, template_lines,
-                                      timesteps_per_image=p.val_timesteps) if p.val_every else None)
+        val_data = validation_data or data
+        self.val_plan = plan_for(p, embedding.step, self.schedule.end_step, len(val_data))
+        logger.info(self.val_plan.note)
+        self.val_set = (ValidationSet(backend, val_data, embedding.name, template_lines,
+                                      timesteps_per_image=p.val_timesteps, samples=self.val_plan.samples,
+                                      batch_size=max(4, 2 * p.batch_size)) if self.val_plan.every else None)
         self.tracker = ValidationTracker(p.overtrain_patience)
         self.medians: dict[str, float] = {}
-        self.result = TrainResult("finished", embedding.step, paths.final, "")
+        self.result = TrainResult("finished", embedding.step, paths.final, "", validation_plan=self.val_plan)
         self.csv = LossCsv(paths.loss_csv) if p.csv_every else None
         self.timer = StepTimer()
         self.pending: list[tuple[int, torch.Tensor, float]] = []  # losses not yet read back (no sync per step)
         self.since_val: list[float] = []  # training losses since the last validation
         self.unreported: list[tuple[int, float]] = []  # validation points not yet sent to `progress`
         self.saved: set[Path] = set()
+        self.fallback_note: str | None = None  # where the final save went instead of `paths.final`
         self.best_only: Path | None = None  # a snapshot kept only because it was the best step
         self.norm_warned = False
         self.epoch = 0
@@ -210,18 +215,18 @@ class _Run:
                     s = state.step
                     due = (s % check_every == 0 or s >= self.schedule.end_step
                            or any(every and s % every == 0 for every in (p.csv_every, p.save_every,
-                                                                         p.preview_every, p.val_every)))
+                                                                         p.preview_every, self.val_plan.every)))
                     if due and self._checks():
                         break
             self._drain()  # an interrupt can leave steps not yet read back
         except BaseException as exc:
             self._fail(exc)
             raise TrainingError(f"Training stopped at step {state.good_step} by {result.message}. "
-                                f"The embedding was saved to {self.paths.final}.") from exc
+                                f"{self._where_saved()}") from exc
         finally:
             if self.csv:
                 self.csv.close()
-        self._save(self.paths.final)
+        self._save_final()
         return self._finish()
 
     def _step(self) -> None:
@@ -259,7 +264,7 @@ class _Run:
         result.norms.append((s, norm))
         self._check_norm(s, norm)
         val = None
-        if self.val_set is not None and (s % p.val_every == 0 or s >= self.schedule.end_step):
+        if self.val_set is not None and (s % self.val_plan.every == 0 or s >= self.schedule.end_step):
             val = self._validate(s)
         if self.csv is not None and s % p.csv_every == 0:
             self.csv.write(s, (s - 1) // self.steps_per_epoch, (s - 1) % self.steps_per_epoch,
@@ -395,9 +400,19 @@ class _Run:
         formats.save_embedding(embedding, path)
         # After a NaN the optimizer's moments are newer than (and maybe poisoned like) the kept vectors.
         if self.p.save_optimizer_state and state.good_step == state.step:
-            formats.save_optimizer_state(embedding, path, self.optimizer.state_dict())
+            formats.save_optimizer_state(embedding, path, self.optimizer.state_dict(), self.scaler.state_dict())
         if self.on_saved:
             self.on_saved(path, self.facts())
+
+    def _save_final(self) -> None:
+        """The last save, on every way out: a target that cannot be written gets a fallback (see fallback.py)."""
+        self.result.final_path, self.fallback_note = save_with_fallback(self._save, self.paths.final,
+                                                                        self.paths.log_dir)
+        if self.fallback_note:
+            self.result.warnings.append(self.fallback_note)
+
+    def _where_saved(self) -> str:
+        return self.fallback_note or f"Embedding saved to {self.result.final_path}."
 
     def facts(self) -> dict[str, Any]:
         """What the sidecar of a saved file records about the run so far."""
@@ -431,9 +446,9 @@ class _Run:
             logger.exception("Could not read back the last losses")
         result.status = "error"
         result.message = f"{type(exc).__name__}: {exc}"
-        self._save(self.paths.final)
+        self._save_final()
         logger.error("Training stopped by an error at step %d; embedding saved to %s", self.state.good_step,
-                     self.paths.final)
+                     result.final_path)
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: saved, now let it through
             raise exc
 
@@ -451,7 +466,7 @@ class _Run:
         if result.recoveries:
             result.message += (f" Recovered {len(result.recoveries)}× from a non-finite loss (rolled back, "
                                f"learning rate now × {self.lr_factor:g}).")
-        result.message += f" Embedding saved to {self.paths.final}."
+        result.message += f" {self._where_saved()}"
         return result
 
 
@@ -497,12 +512,15 @@ class _MicroBatches:
             if self.non_blocking:  # stack made a fresh tensor: pin it so the copy can overlap compute
                 latents = latents.pin_memory()
             latents = latents.to(device, non_blocking=self.non_blocking)
+            weight = self.data.weights(indices, flips)  # None unless alpha weighting cached maps
+            if weight is not None:
+                weight = weight.to(device, non_blocking=self.non_blocking)
             noise = torch.randn(latents.shape, generator=gen).to(device)
             timesteps = torch.randint(0, self.backend.num_train_timesteps, (len(indices),), generator=gen)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 cond = self.backend.encode_text(texts, self.trigger, vectors)
-                loss = self.backend.training_loss(latents, cond, noise, timesteps.to(device)).mean()
+                loss = self.backend.training_loss(latents, cond, noise, timesteps.to(device), weight).mean()
             loss = loss / p.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()

@@ -1,0 +1,78 @@
+"""Test-only A1111 extension for tests/host: fault injection and model state, from outside the package.
+
+Link it into the lab beside the extension and restart the web UI:
+`ext.sh link <repo>/tests/host/fault_ext tiext-test-faults`. It adds two routes (never shipped):
+- `GET /tiext-test/model`: what the host's model looks like now (trainable tensors per part, VAE device,
+  gradient checkpointing, whether a trainable embedding is registered in the host's DB);
+- `POST /tiext-test/fail {"after": N}`: the training-loss call after the next N raises once — the
+  extension's service gets its backend wrapped in tests/_faults.py's FaultyBackend, as the CPU tests do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from modules import script_callbacks
+
+logger = logging.getLogger("tiext_test_faults")
+FAULTS_FILE = Path(__file__).resolve().parents[3] / "_faults.py"  # tests/_faults.py
+
+
+def _faulty_backend_class() -> Any:
+    spec = importlib.util.spec_from_file_location("tiext_test_faults_impl", FAULTS_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FaultyBackend
+
+
+def model_state() -> dict[str, Any]:
+    from modules import sd_hijack, sd_hijack_checkpoint, shared
+
+    def trainable(module: Any) -> int:
+        return sum(1 for p in module.parameters() if p.requires_grad)
+
+    m = shared.sd_model
+    db = sd_hijack.model_hijack.embedding_db
+    return {
+        "unet_trainable_tensors": trainable(m.model),
+        "text_encoder_trainable_tensors": trainable(m.cond_stage_model),
+        "vae_trainable_tensors": trainable(m.first_stage_model),
+        "vae_device": str(next(m.first_stage_model.parameters()).device),
+        "gradient_checkpointing": bool(sd_hijack_checkpoint.stored),
+        # The extension registers its trainable vectors as an Embedding made in memory (no file).
+        "embedding_registered": any(e.filename is None for e in db.word_embeddings.values()),
+    }
+
+
+def on_app_started(_demo: Any, app: Any) -> None:
+    from fastapi import Body
+
+    from textual_inversion_ext.backends.a1111 import glue
+
+    faulty_backend = _faulty_backend_class()
+    service = glue.get_service()
+    plain = service.backend
+    armed: dict[str, Any] = {"wrapper": None}
+
+    def backend() -> Any:
+        inner, wrapper = plain(), armed["wrapper"]
+        return wrapper if wrapper is not None and wrapper._inner is inner else inner
+
+    service.backend = backend
+
+    def fail(body: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI idiom)
+        after = body.get("after")
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            return {"error": "'after' must be a non-negative integer."}
+        armed["wrapper"] = faulty_backend(plain(), {after + 1}, fault="raise")
+        return {"armed": True, "after": after}
+
+    app.add_api_route("/tiext-test/model", model_state, methods=["GET"], response_model=None)
+    app.add_api_route("/tiext-test/fail", fail, methods=["POST"], response_model=None)
+    logger.warning("tiext-test-faults: test-only routes /tiext-test/model and /tiext-test/fail are served")
+
+
+script_callbacks.on_app_started(on_app_started)
