@@ -139,6 +139,8 @@ def page(browser, host_api):
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
+    # gradio renders the tabs after the network goes idle: wait for the host's own first control.
+    page.wait_for_selector("#txt2img_prompt textarea", state="attached", timeout=120_000)
     yield page
     context.close()
 

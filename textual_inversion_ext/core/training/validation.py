@@ -44,7 +44,7 @@ def split_indices(count: int, fraction: float) -> tuple[list[int], list[int]]:
 
 
 # Counting one forward pass without gradients as half a training sample (forward + backward, the backward at
-# least as costly) overestimates validation (measured on CPU: ~0.2 for SD1.5 at 256 px, ~0.4 for the tiny model),
+# least as costly) overestimates validation (measured on CPU: 0.2-0.45 for SD1.5 at 256 px, ~0.4 for the tiny model),
 # so the budget holds without timing anything.
 FORWARD_COST = 0.5
 # Per pass, shrink the set to this many samples before spreading the passes out (a smaller set is a coarser
