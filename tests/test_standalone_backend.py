@@ -179,10 +179,8 @@ def test_training_loss_reaches_only_the_vectors(tiny: StandaloneBackend) -> None
     latents, noise, t = _batch(tiny)
     vec = _vectors(tiny, grad=True)
     modules = (tiny.unet, tiny.vae, tiny.text_encoder)
-    for m in modules:
-        m.zero_grad(set_to_none=True)  # earlier tests ran the encoder outside a session
     before = [p.requires_grad for m in modules for p in m.parameters()]
-    assert all(before)
+    assert not any(before)  # frozen at load: a gradient computed outside a session cannot land on a weight
     with tiny.training_session(TrainingOptions()):
         cond = tiny.encode_text([f"a photo of {TRIGGER}"] * 2, TRIGGER, vec)
         loss = tiny.training_loss(latents, cond, noise, t)
@@ -197,6 +195,7 @@ def test_session_applies_options_and_restores_on_error(tiny: StandaloneBackend) 
     tiny.unet.set_attn_processor(AttnProcessor())
     modules = (tiny.unet, tiny.vae, tiny.text_encoder)
     options = TrainingOptions(gradient_checkpointing=True, attention_optimizations=True, offload_vae=True)
+    tiny.vae.requires_grad_(True)  # a caller's flag the session must put back
     with pytest.raises(RuntimeError, match="boom"), tiny.training_session(options):
         assert tiny.unet.is_gradient_checkpointing
         assert all(isinstance(p, AttnProcessor2_0) for p in tiny.unet.attn_processors.values())
@@ -204,7 +203,9 @@ def test_session_applies_options_and_restores_on_error(tiny: StandaloneBackend) 
         raise RuntimeError("boom")
     assert not tiny.unet.is_gradient_checkpointing
     assert all(type(p) is AttnProcessor for p in tiny.unet.attn_processors.values())
-    assert all(p.requires_grad for m in modules for p in m.parameters())
+    assert all(p.requires_grad for p in tiny.vae.parameters())
+    assert not any(p.requires_grad for m in (tiny.unet, tiny.text_encoder) for p in m.parameters())
+    tiny.vae.requires_grad_(False)
     assert tiny._vae_home is None
 
 

@@ -63,6 +63,10 @@ class StandaloneBackend:
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
+        # This backend owns its model and never trains a weight of it (only the vectors passed in
+        # do): freeze once, as the diffusers example does, so no caller can leave gradients on it.
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
         self.info = info
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
