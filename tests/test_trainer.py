@@ -12,7 +12,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from textual_inversion_ext.core import formats
 from textual_inversion_ext.core.create import CreateParams, create_embedding
 from textual_inversion_ext.core.data.dataset import TrainingSet
-from textual_inversion_ext.core.errors import TrainingError
+from textual_inversion_ext.core.embedding import Embedding
+from textual_inversion_ext.core.errors import ModelError, TrainingError
 from textual_inversion_ext.core.training.run import RunRequest, run_training
 from textual_inversion_ext.core.training.train_params import TrainParams
 
@@ -205,3 +206,12 @@ def test_clipping_bounds_the_gradient_the_optimizer_steps_on(tiny_backend, demo_
                                                 clip_grad_mode="value", clip_grad_value="0.01")
     assert all(float(g.abs().max()) <= 0.01 for g in by_value)
     assert all(float(g.abs().max()) == pytest.approx(0.01) for g in by_value)  # the large components were cut
+
+
+def test_an_embedding_of_another_family_is_refused_before_any_work(tiny_backend, demo_data, tmp_path):
+    """The run uses the same vector check as the backends, and names the file it read."""
+    sd2 = tmp_path / "wide.pt"
+    formats.save_embedding(Embedding("wide", {"default": torch.zeros(2, 1024)}), sd2)
+    with pytest.raises(ModelError, match=r"wide\.pt: .*shape \(2, 1024\).*another model family"):
+        run(tiny_backend, sd2, demo_data, tmp_path, params())
+    assert not (tmp_path / "logs").exists()  # refused before the log folder is made

@@ -5,13 +5,16 @@ when it was started with --api-auth)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,16 +136,28 @@ def browser():
         browser.close()
 
 
+@contextlib.contextmanager
+def open_page(browser, before_load: Callable[[Any], None] | None = None) -> Iterator[Any]:
+    """The host's page, loaded and rendered; `before_load(page)` runs before it navigates (to see the
+    websockets the page opens while loading, e.g. gradio 3's `every=` polling loop)."""
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        if before_load is not None:
+            before_load(page)
+        page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
+        # gradio renders the tabs after the network goes idle: wait for the host's own first control.
+        page.wait_for_selector("#txt2img_prompt textarea", state="attached", timeout=120_000)
+        yield page
+    finally:
+        context.close()
+
+
 @pytest.fixture
 def page(browser, host_api):
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
-    # gradio renders the tabs after the network goes idle: wait for the host's own first control.
-    page.wait_for_selector("#txt2img_prompt textarea", state="attached", timeout=120_000)
-    yield page
-    context.close()
+    with open_page(browser) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")

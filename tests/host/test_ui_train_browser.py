@@ -32,7 +32,7 @@ pytest.importorskip("playwright")
 from playwright.sync_api import Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from .conftest import stop_job_and_remove_logs
+from .conftest import open_page, stop_job_and_remove_logs
 from .test_ui_browser import (
     TRAIN_TIMEOUT_MS,
     click_train,
@@ -135,9 +135,18 @@ def number(page: Page, elem_id: str, value: float) -> None:
     box.press("Tab")  # gradio 3.41 sliders' number boxes commit on blur
 
 
-def test_live_run_charts_previews_result_and_host_sampler(page, host_api, dataset, shots, trained):
+@pytest.fixture
+def fed_page(browser, host_api):
+    """The host's page and a ChartFeed attached before it loads: gradio 3's `every=` poll is one websocket
+    opened during the page load, so a listener added afterwards never sees the charts' data."""
+    feeds: list[ChartFeed] = []
+    with open_page(browser, before_load=lambda page: feeds.append(ChartFeed(page))) as page:
+        yield page, feeds[0]
+
+
+def test_live_run_charts_previews_result_and_host_sampler(fed_page, host_api, dataset, shots, trained):
     name = trained["name"]
-    feed = ChartFeed(page)
+    page, feed = fed_page
     # What a user set up in txt2img, copied into the preview fields by the tab's button.
     page.evaluate("p => { document.querySelector('#txt2img_prompt textarea').value = p; }",
                   PROMPTS[0].format(name=name))

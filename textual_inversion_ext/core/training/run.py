@@ -20,8 +20,8 @@ from ..backend import Backend
 from ..data import images
 from ..data.dataset import TrainingSet, prepare
 from ..data.templates import load_template
-from ..embedding import validate_name
-from ..errors import InvalidNameError, TIError
+from ..embedding import check_vectors, validate_name
+from ..errors import InvalidNameError, ModelError, TIError
 from ..fileio import atomic_write_text
 from ..params import to_record, validate
 from . import grid
@@ -100,7 +100,10 @@ def run_training(
         embedding.name = formats.load_embedding(request.embedding_path).embedding.name
     # The name becomes the log folder and file names: a stored name ('../x', '/abs') is checked like a typed one.
     embedding.name = name_from_file(embedding.name, request.embedding_path)
-    _check_dims(embedding.dims, backend.info.encoders, source)
+    try:
+        check_vectors(embedding.vectors, backend.info.encoders)
+    except ModelError as exc:
+        raise ModelError(f"{source.name}: {exc}") from exc
     template_lines = load_template(params.template)
     resolution = params.resolution or backend.info.resolution
     scan = images.scan_dataset(request.data_dir, recursive=request.recursive)
@@ -232,9 +235,3 @@ def _grid_inputs(log_dir: Path, prompts: str) -> tuple[str, list, list[str], Pre
     final = Path(record.get("final") or record["embedding"]["file"])
     columns = grid.columns_from(grid.snapshot_files(Path(log_dir) / "embeddings", name), final)
     return name, columns, lines, settings, grid.estimate_cost(len(columns) * len(lines), settings, record)
-
-
-def _check_dims(have: dict[str, int], want: dict[str, int], path: Path) -> None:
-    if have != want:
-        raise TIError(f"{path.name} has vectors {have} but the model's text encoder expects {want}; "
-                      "it was made for another model family (SD1 768, SD2 1024, SDXL clip_l+clip_g).")
