@@ -28,13 +28,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 VIEWPORT = {"width": 1280, "height": 900}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    if WEBUI_DIR:
-        return
-    skip = pytest.mark.skip(reason="needs the real A1111 host: set WEBUI_DIR (see ../shared/host-lab)")
+    # One host, one training job at a time: under pytest-xdist (`--dist loadgroup`) all of them run on one worker.
+    marker = (pytest.mark.xdist_group("real-host") if WEBUI_DIR else
+              pytest.mark.skip(reason="needs the real A1111 host: set WEBUI_DIR (see ../shared/host-lab)"))
     for item in items:
         if "tests/host/" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(skip)
+            item.add_marker(marker)
 
 
 class HostApi:
