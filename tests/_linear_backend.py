@@ -45,7 +45,8 @@ class LinearBackend:
     def token_rows(self, token_ids: Sequence[int]) -> dict[str, torch.Tensor]:
         return {"default": self.table[torch.tensor(list(token_ids), dtype=torch.long)].clone()}
 
-    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor],
+                    geometry: object = None) -> torch.Tensor:
         code = vectors["default"].mean(0)
         return torch.stack([code if trigger in p else torch.zeros_like(code) for p in prompts])
 

@@ -66,7 +66,7 @@ def test_init_text_hints():
     assert "tokens are repeated" in ch.init_text_hints("car", 3)[1].text
     long = ch.init_text_hints("word " * 80)
     assert long[0].text == "80 tokens → suggested vectors 75"
-    assert "more than the 75 a prompt holds" in long[1].text and ch.vectors_for("word " * 80, 0) == 75
+    assert "more than the 75 one prompt chunk holds" in long[1].text and ch.vectors_for("word " * 80, 0) == 75
     assert ch.init_text_hints("") == [Hint(INFO, "Empty: the vectors start at zero (1 vector unless you set more).")]
     assert ch.init_text_hints("", 3) == [Hint(INFO, "Empty: the 3 vectors start at zero.")]
 
@@ -80,7 +80,8 @@ def test_prompt_budget_warns_for_a_long_line_with_many_vectors():
     assert warn.text.startswith("The longest training prompt has 84 tokens, 9 over the 75-token budget: "
                                 "'a detailed close-up studio photo of the tiext-robot standing on a wooden table'")
     assert "template line 2" in warn.text and "1 of 2 lines over" in warn.text
-    assert "75-token chunks" in warn.text and "cuts the tail off" in warn.text
+    assert "75-token chunks" in warn.text and "moved whole into the next chunk" in warn.text
+    assert "cuts the tail off" not in warn.text  # the standalone trainer no longer truncates
 
 
 def test_prompt_budget_counts_the_longest_caption_as_the_trainer_renders_it():

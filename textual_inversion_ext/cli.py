@@ -23,8 +23,11 @@ from .core.training.train_params import TrainParams
 
 logger = logging.getLogger(__name__)
 
+EMBEDDED_MODELS = ("tiny", "tiny-real-clip", "tiny-sdxl", "tiny-sdxl-real")
 MODEL_HELP = ("'tiny' (embedded default, no download), 'tiny-real-clip' (tiny UNet/VAE with a real-shape "
-              "CLIP text encoder), or the path of an SD1.x/SD2.x single-file checkpoint (.safetensors/.ckpt).")
+              "CLIP text encoder), 'tiny-sdxl' (tiny SDXL-shaped model: two text encoders, size conditioning), "
+              "'tiny-sdxl-real' (the same with SDXL's 768/1280-wide encoders), or the path of a "
+              "single-file checkpoint (.safetensors/.ckpt).")
 
 
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
@@ -34,7 +37,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model options")
     group.add_argument("--model", default="tiny", help=MODEL_HELP + " Default: %(default)s.")
     group.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'…")
-    group.add_argument("--family", choices=("sd1", "sd2"), default=None,
+    group.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default=None,
                        help="Model family of a checkpoint when it cannot be detected from its keys.")
     group.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=None,
                        help="Prediction type of an SD2 checkpoint (768-v models use v_prediction).")
@@ -64,7 +67,7 @@ def load_backend(args: argparse.Namespace):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[weight_dtype_name(args.dtype, device, getattr(args, "precision", "auto"))]
-    if args.model in ("tiny", "tiny-real-clip"):
+    if args.model in EMBEDDED_MODELS:
         return embedded_default(args.model, device=device, dtype=dtype)
     return load_checkpoint(Path(args.model), family=args.family, prediction=args.prediction, device=device,
                            dtype=dtype)
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, CreateParams, skip=("name",))
     p.add_argument("name", help="Embedding name = trigger word = file stem.")
     p.add_argument("--out", type=Path, default=Path("embeddings"), help="Folder to write to. Default: %(default)s.")
-    p.add_argument("--format", choices=(".pt", ".safetensors"), default=".pt", help="File type. Default: %(default)s.")
+    p.add_argument("--format", choices=(".pt", ".safetensors"), default=None,
+                   help="File type. Default: .pt for SD1/SD2, .safetensors (clip_l + clip_g) for SDXL.")
     _model_args(p)
 
     p = sub.add_parser("train", help="Train an embedding on a folder of images.",

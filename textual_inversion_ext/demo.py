@@ -102,8 +102,9 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dic
     data_dir = out / "dataset"
     make_sample_dataset(data_dir, seed=seed)
     emb_dir = out / "embeddings"
+    # Both file types for every model family: .pt trained, .safetensors written from it below.
     created = create_embedding(backend, CreateParams(name=DEMO_NAME, init_text=DEMO_INIT, overwrite=True),
-                               emb_dir)
+                               emb_dir, suffix=".pt")
     params = TrainParams(max_steps=steps, csv_every=1, save_every=max(1, steps // 3),
                          preview_every=max(1, steps // 3), val_every=max(1, steps // 12), seed=seed,
                          val_budget=0.0)  # a curve worth plotting: the tiny model validates in no time

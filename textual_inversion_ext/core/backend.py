@@ -3,7 +3,8 @@
 Vectors are always passed as `{encoder_key: (n, dim) tensor}` (see `core.embedding`): one key for
 SD1/SD2, `clip_l` + `clip_g` for SDXL, so SDXL fits without changing the trainer. Conditioning is
 opaque to the core: whatever `encode_text` returns, `training_loss` and `preview` accept (SDXL will
-put its pooled output and size vector in there).
+put its pooled output and size vector in there). `SampleGeometry` tells a backend how each training image was
+cut (SDXL's size conditioning); backends that do not use it ignore it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,33 @@ class ModelInfo:
     prediction: str = "epsilon"  # "epsilon" | "v_prediction"
     latent_channels: int = 4
     vae_scale: int = 8  # pixels per latent cell
+
+    @property
+    def embedding_suffix(self) -> str:
+        """The file type new embeddings get: with two encoders (SDXL) `.safetensors` holding clip_l + clip_g,
+        which A1111, Forge, ComfyUI and kohya all load; with one, A1111's `.pt`."""
+        return ".safetensors" if len(self.encoders) > 1 else ".pt"
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """How one training image was made, in pixels, as SDXL's micro-conditioning (and kohya) records it.
+
+    `original`: the source image's (h, w); `crop`: top-left (y, x) of the kept box in the source scaled to
+    cover the target; `target`: the (h, w) trained at (its bucket). A mirrored copy keeps the same values."""
+
+    original: tuple[int, int]
+    crop: tuple[int, int]
+    target: tuple[int, int]
+
+    @classmethod
+    def uncropped(cls, height: int, width: int) -> SampleGeometry:
+        """A whole image generated (or trained) at (height, width): previews use this."""
+        return cls((height, width), (0, 0), (height, width))
+
+    def as_tuple(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's `add_time_ids` order: original h, w, crop y, x, target h, w."""
+        return (*self.original, *self.crop, *self.target)
 
 
 @dataclass
@@ -60,10 +88,12 @@ class Backend(Protocol):
     def token_rows(self, token_ids: Sequence[int]) -> dict[str, torch.Tensor]:
         """Rows of each encoder's token-embedding table for BPE ids (no BOS/EOS): `(len, dim)`."""
 
-    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
+    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor],
+                    geometry: Sequence[SampleGeometry] | None = None) -> Any:
         """Conditioning for `prompts`, with every occurrence of `trigger` replaced by `vectors`.
 
-        Must be differentiable with respect to `vectors`."""
+        Must be differentiable with respect to `vectors`. `geometry`: one per prompt, how its image was cut
+        (None: unknown; a backend that conditions on size then assumes whole images at its resolution)."""
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
         """Latent distribution of `pixels` (B, 3, H, W) in [-1, 1], already scaled for the UNet."""

@@ -39,11 +39,12 @@ class Created:
     message: str
 
 
-def create_embedding(backend: Backend, params: CreateParams, folder: Path, suffix: str = ".pt") -> Created:
-    """Build the initial vectors from the model's token-embedding table and save them atomically."""
+def create_embedding(backend: Backend, params: CreateParams, folder: Path, suffix: str | None = None) -> Created:
+    """Build the initial vectors from the model's token-embedding tables and save them atomically (as `suffix`;
+    None = the model's usual type, `ModelInfo.embedding_suffix`)."""
     validate(params)
     name = validate_name(params.name)
-    path = Path(folder) / f"{name}{suffix}"
+    path = Path(folder) / f"{name}{suffix or backend.info.embedding_suffix}"
     if path.exists() and not params.overwrite:
         raise TIError(f"{path} already exists; choose another name or allow overwriting.")
     ids = tokens.token_ids(params.init_text) if params.init_text.strip() else []

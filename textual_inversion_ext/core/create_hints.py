@@ -140,7 +140,7 @@ def init_text_hints(init_text: str, num_vectors: int = 0, init_mode: str = "pool
     if init_mode == "zeros":
         out.append(Hint(INFO, f"Init mode 'zeros': the text is ignored, {_start(vectors)} at zero."))
     elif n > vectors:
-        over = f"more than the {BUDGET} a prompt holds, " if not num_vectors else ""
+        over = f"more than the {BUDGET} one prompt chunk holds, " if not num_vectors else ""
         head = f"{_plural(n, 'token')} for {_plural(vectors, 'vector')} ({over}"
         if init_mode == "truncate":
             dropped = ", ".join(repr(w) for w in tokens.decode_tokens(ids[vectors:vectors + 8]))
@@ -226,9 +226,11 @@ def prompt_budget(template_lines: Sequence[str], num_vectors: int, captions: Ite
         over_lines = sum(1 for r in rows if r[0] > BUDGET)
         out.append(Hint(WARN, (
             f"The longest training prompt has {count} tokens, {count - BUDGET} over the {BUDGET}-token budget: "
-            f"{_quote(shown)} ({how}; {over_lines} of {_plural(len(rows), 'line')} over). A1111 splits longer "
-            "prompts into 75-token chunks encoded separately, so the tail loses its context; the standalone "
-            "trainer cuts the tail off. Use fewer vectors, shorter captions or a shorter template.")))
+            f"{_quote(shown)} ({how}; {over_lines} of {_plural(len(rows), 'line')} over). A1111 and the "
+            "standalone trainer split longer prompts into 75-token chunks encoded separately (an embedding that "
+            "would cross a chunk boundary is moved whole into the next chunk), so the text in one chunk does not "
+            "see the other's, and each chunk costs one more text-encoder pass per step. Use fewer vectors, "
+            "shorter captions or a shorter template.")))
     else:
         out.append(Hint(INFO, f"Longest training prompt: {count} of {BUDGET} tokens ({how})."))
     missing = [r[2] for r in rows if r[3] == 0]

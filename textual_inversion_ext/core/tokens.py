@@ -19,8 +19,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# One CLIP chunk holds 77 ids: BOS + 75 prompt tokens + EOS. A1111 splits longer prompts into
-# chunks, but an embedding must fit into one chunk with the rest of the prompt.
+# One CLIP chunk holds 77 ids: BOS + 75 prompt tokens + EOS. A1111 (and the standalone backend) split
+# longer prompts into chunks, each encoded on its own; an embedding's vectors are never split across
+# chunks, so an embedding has at most 75 vectors.
 PROMPT_TOKEN_BUDGET = 75
 VOCAB_SIZE = 49408  # ids 49406/49407 are <start>/<end>
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ...core.backend import LatentDist, ModelInfo, TrainingOptions, frozen, visiting
+from ...core.backend import LatentDist, ModelInfo, SampleGeometry, TrainingOptions, frozen, visiting
 from ...core.embedding import SINGLE, check_vectors
 from ...core.errors import Interrupted, ModelError
 from ...core.training.loss import add_noise, per_sample_loss, prediction_target
@@ -159,7 +159,8 @@ class A1111Backend:
         self._replaced = None
         self._host_embedding = None
 
-    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor]) -> Any:
+    def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor],
+                    geometry: Sequence[SampleGeometry] | None = None) -> Any:  # SD1/SD2: no size conditioning
         if vectors:
             self._register(trigger, self._check_vectors(vectors))
         return self.model.cond_stage_model(list(prompts))

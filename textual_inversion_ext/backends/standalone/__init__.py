@@ -9,5 +9,6 @@ from __future__ import annotations
 from .backend import StandaloneBackend
 from .embedded import embedded_default, random_model
 from .loading import load_checkpoint
+from .sdxl import StandaloneSDXLBackend
 
-__all__ = ["StandaloneBackend", "embedded_default", "load_checkpoint", "random_model"]
+__all__ = ["StandaloneBackend", "StandaloneSDXLBackend", "embedded_default", "load_checkpoint", "random_model"]

@@ -1,4 +1,4 @@
-"""Loading a user's single-file SD1.x/SD2.x checkpoint (A1111/ldm layout), fully offline.
+"""Loading a user's single-file SD1.x/SD2.x/SDXL checkpoint (A1111/ldm layout), fully offline.
 
 We read the file once ourselves (safetensors, or `torch.load(weights_only=True)` for `.ckpt`, so no
 pickle code runs), convert each component with diffusers' own `single_file_utils` converters and
@@ -28,13 +28,15 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ...core.backend import ModelInfo
-from ...core.embedding import SINGLE
+from ...core.embedding import SDXL_KEYS, SINGLE
 from ...core.errors import ModelError
+from . import loading_sdxl as xl
 from .backend import StandaloneBackend
 from .models import ModelConfig, model_config
+from .sdxl import StandaloneSDXLBackend
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,7 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_L = "cond_stage_model.transformer."
 OPEN_CLIP = "cond_stage_model.model."
-SDXL = "conditioner.embedders."
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 # Some SD1 files store the CLIP text model without its `text_model.` level (A1111 renames them too).
@@ -91,25 +92,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_family(state: dict[str, torch.Tensor], name: str = "checkpoint") -> str:
-    """"sd1" or "sd2" from the key layout; ModelError for SDXL and anything unknown."""
+    """"sd1", "sd2" or "sdxl" from the key layout; ModelError for SDXL refiners and anything unknown."""
     keys = state.keys()
-    if any(k.startswith(SDXL) for k in keys):
-        raise ModelError(
-            f"{name} is an SDXL checkpoint (it has {SDXL}*): SDXL training is not supported yet, neither "
-            "standalone nor in the web UI. Pick an SD1.x/SD2.x checkpoint; SDXL embeddings made elsewhere "
-            "still load and convert."
-        )
-    has_sd1 = any(k.startswith(CLIP_L) for k in keys)
-    has_sd2 = any(k.startswith(OPEN_CLIP) for k in keys)
     has_unet = any(k.startswith(UNET) for k in keys)
     has_vae = any(k.startswith(VAE) for k in keys)
+    if xl.is_sdxl(keys, name):  # raises for a refiner or half a conditioner
+        has_sd1, has_sd2, family = True, False, "sdxl"
+    else:
+        has_sd1 = any(k.startswith(CLIP_L) for k in keys)
+        has_sd2 = any(k.startswith(OPEN_CLIP) for k in keys)
+        family = "sd1" if has_sd1 else "sd2"
     if has_unet and has_vae and has_sd1 != has_sd2:
-        return "sd1" if has_sd1 else "sd2"
+        return family
     found = sorted({".".join(k.split(".")[:2]) for k in keys})[:8]
     missing = [n for n, ok in (("UNet " + UNET, has_unet), ("VAE " + VAE, has_vae),
                                ("text encoder " + CLIP_L + " or " + OPEN_CLIP, has_sd1 or has_sd2)) if not ok]
     raise ModelError(
-        f"{name} is not a complete SD1.x/SD2.x checkpoint in A1111/ldm layout"
+        f"{name} is not a complete SD1.x/SD2.x/SDXL checkpoint in A1111/ldm layout"
         + (f" (missing {', '.join(missing)}*)" if missing else " (it has two text encoders)")
         + f"; its keys start with {found}. Use a full single-file .safetensors/.ckpt as the web UI loads it "
         "(not a diffusers folder, LoRA, VAE-only or UNet-only file)."
@@ -193,22 +192,35 @@ def _text_encoder_state(
 
         kept = {k: v for k, v in state.items() if keep(k)}
         converted = convert_open_clip_checkpoint(model, kept, prefix=OPEN_CLIP)
-    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    converted = _fit_text_model(converted, model)
     return {k: v for k, v in converted.items() if not k.startswith("text_projection")}
 
 
-def build_from_state(
-    state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
-) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
-    """Convert an ldm-layout state dict with diffusers' converters and load it strictly."""
+def _fit_text_model(converted: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """diffusers converts to `text_model.*` keys; transformers >= 5.6 flattened `CLIPTextModel` (only)."""
+    if hasattr(model, "text_model"):
+        return converted
+    return {k.removeprefix("text_model."): v for k, v in converted.items()}
+
+
+def _unet_and_vae(
+    state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype, vae_dtype: torch.dtype
+) -> tuple[UNet2DConditionModel, AutoencoderKL]:
     try:
         unet_state = convert_ldm_unet_checkpoint(state, config.unet)
         vae_state = convert_ldm_vae_checkpoint(state, config.vae)
     except (KeyError, IndexError, ValueError) as exc:
         raise ModelError(f"The checkpoint's UNet/VAE could not be converted ({exc!r}).") from exc
     unet = _strict_assign(lambda: UNet2DConditionModel.from_config(config.unet), unet_state, "UNet", dtype)
-    vae = _strict_assign(lambda: AutoencoderKL.from_config(config.vae), vae_state, "VAE", dtype)
+    vae = _strict_assign(lambda: AutoencoderKL.from_config(config.vae), vae_state, "VAE", vae_dtype)
+    return unet, vae  # type: ignore[return-value]
+
+
+def build_from_state(
+    state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Convert an ldm-layout state dict with diffusers' converters and load it strictly."""
+    unet, vae = _unet_and_vae(state, config, dtype, dtype)
     text_config = CLIPTextConfig(**config.text_encoder)
     with torch.device("meta"):
         probe = CLIPTextModel(text_config)
@@ -219,6 +231,25 @@ def build_from_state(
     return unet, vae, text_encoder  # type: ignore[return-value]
 
 
+def build_sdxl_from_state(
+    state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's UNet, VAE (float32 whatever `dtype`: it overflows in fp16), clip_l and clip_g, loaded strictly."""
+    if config.text_encoder_2 is None:
+        raise ModelError("An SDXL model config needs text_encoder_2 (see standalone/configs/sdxl.json).")
+    unet, vae = _unet_and_vae(state, config, dtype, torch.float32)
+    l_config, g_config = CLIPTextConfig(**config.text_encoder), CLIPTextConfig(**config.text_encoder_2)
+    with torch.device("meta"):
+        probe_l, probe_g = CLIPTextModel(l_config), CLIPTextModelWithProjection(g_config)
+    clip_l = _strict_assign(lambda: CLIPTextModel(l_config), _fit_text_model(xl.clip_l_state(state), probe_l),
+                            "clip_l text encoder", dtype)
+    clip_g = _strict_assign(lambda: CLIPTextModelWithProjection(g_config),
+                            _fit_text_model(xl.clip_g_state(state, probe_g), probe_g), "clip_g text encoder", dtype)
+    for module in (unet, vae, clip_l, clip_g):
+        module.eval()
+    return unet, vae, clip_l, clip_g  # type: ignore[return-value]
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -227,18 +258,20 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: str | Path | dict[str, Any] | None = None,
-) -> StandaloneBackend:
-    """Load an SD1.x/SD2.x single-file checkpoint (`.safetensors`, or `.ckpt` without running pickle code).
+) -> StandaloneBackend | StandaloneSDXLBackend:
+    """Load an SD1.x/SD2.x/SDXL single-file checkpoint (`.safetensors`, or `.ckpt` without running pickle code).
 
-    `family` ("sd1"/"sd2") is detected from the keys; passing it only double-checks. `prediction`
+    `family` ("sd1"/"sd2"/"sdxl") is detected from the keys; passing it only double-checks. `prediction`
     ("epsilon"/"v_prediction") overrides detection: a sibling `<name>.yaml` with `parameterization: "v"`,
     a `v_pred` key, else for SD2 A1111's test forward pass, else epsilon. `config` replaces the
-    bundled architecture (a JSON file or dict shaped like `configs/sd1.json`) for non-standard models."""
+    bundled architecture (a JSON file or dict shaped like `configs/sd1.json`, SDXL's with a
+    `text_encoder_2` as in `configs/sdxl.json`) for non-standard models. SDXL refiners and inpainting
+    models are refused: embeddings are trained on a base model."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Checkpoint {path} does not exist (give the path to a .safetensors or .ckpt file).")
     if family is not None and family not in FAMILIES:
-        raise ModelError(f"family must be one of {', '.join(FAMILIES)} (no SDXL), not {family!r}")
+        raise ModelError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise ModelError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
     state = read_state_dict(path)
@@ -252,15 +285,18 @@ def load_checkpoint(
         raise ModelError(f"The model config is for {cfg.family} but {path.name} is {detected}.")
     conv_in = state.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != cfg.unet.get("in_channels", 4):
+        kind = "an SDXL inpainting model?" if detected == "sdxl" else "an inpainting or instruct-pix2pix model?"
         raise ModelError(
-            f"{path.name} has a UNet with {conv_in.shape[1]} input channels (an inpainting or "
-            "instruct-pix2pix model?); train embeddings on the matching base model instead."
+            f"{path.name} has a UNet with {conv_in.shape[1]} input channels ({kind}); train embeddings on "
+            "the matching base model instead (they then work with its inpainting variant too)."
         )
     pred = prediction or detect_prediction(path, state)
-    unet, vae, text_encoder = build_from_state(state, cfg, dtype)
+    build = build_sdxl_from_state if detected == "sdxl" else build_from_state
+    modules = build(state, cfg, dtype)
     del state
-    for module in (unet, vae, text_encoder):
+    for module in modules:
         module.to(device)
+    unet = modules[0]
     if pred is None and detected == "sd2":
         logger.info("Testing whether %s is a v-prediction model (pass prediction=... to skip)", path.name)
         pred = "v_prediction" if looks_v_prediction(unet) else "epsilon"
@@ -269,9 +305,10 @@ def load_checkpoint(
     resolution = int(cfg.resolution)
     if detected == "sd2" and config is None:
         resolution = 768 if pred == "v_prediction" else 512  # SD2 768-v vs 512-base
+    widths = [int(c["hidden_size"]) for c in (cfg.text_encoder, cfg.text_encoder_2) if c is not None]
     info = ModelInfo(
         family=detected,
-        encoders={SINGLE: int(cfg.text_encoder["hidden_size"])},
+        encoders=dict(zip(SDXL_KEYS, widths)) if detected == "sdxl" else {SINGLE: widths[0]},
         resolution=resolution,
         name=path.stem,
         short_hash=file_short_hash(path),
@@ -281,4 +318,6 @@ def load_checkpoint(
     )
     scheduler = {**cfg.scheduler, "prediction_type": pred}
     logger.info("Loaded %s (%s, %s, %d px, hash %s)", path.name, detected, pred, resolution, info.short_hash)
-    return StandaloneBackend(unet, vae, text_encoder, scheduler, info)
+    if detected == "sdxl":
+        return StandaloneSDXLBackend(*modules, scheduler, info)
+    return StandaloneBackend(*modules, scheduler, info)

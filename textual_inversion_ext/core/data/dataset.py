@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..backend import Backend
+from ..backend import Backend, SampleGeometry
 from ..errors import DatasetError
 from . import alpha, images
 
@@ -44,12 +44,18 @@ class TrainingSet:
     latents: list[dict[bool, CachedLatent]]  # per image: {flipped: latent}
     skipped: list[images.SkippedFile] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)  # per image, where it came from
+    geometry: list[SampleGeometry] = field(default_factory=list)  # per image, how it was cut (size conditioning)
 
     def subset(self, indices: Sequence[int]) -> TrainingSet:
         """The images at `indices` (e.g. the training or the held-out part of a validation split)."""
         return TrainingSet([self.captions[i] for i in indices], [self.buckets[i] for i in indices],
                            [self.latents[i] for i in indices], self.skipped,
-                           [self.paths[i] for i in indices] if self.paths else [])
+                           [self.paths[i] for i in indices] if self.paths else [],
+                           [self.geometry[i] for i in indices] if self.geometry else [])
+
+    def geometries(self, indices: Sequence[int]) -> list[SampleGeometry] | None:
+        """The geometry of the images at `indices` (a flipped copy has its original's); None when not recorded."""
+        return [self.geometry[i] for i in indices] if self.geometry else None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -111,6 +117,7 @@ def prepare(
     for k, size in enumerate(buckets):
         by_size[size].append(k)
     encoded: dict[int, dict[bool, CachedLatent]] = {}  # 'sample' filled in below, once the order is known
+    geometry: dict[int, SampleGeometry] = {}
     total, done = len(scan.items) * len(variants), 0
     for size, members in by_size.items():
         for start in range(0, len(members), ENCODE_BATCH):
@@ -119,13 +126,14 @@ def prepare(
             chunk = members[start : start + ENCODE_BATCH]
             loaded = [(k, _load(scan.items[k], size, alpha_weight, skipped)) for k in chunk]
             kept = [(k, *x) for k, x in loaded if x is not None]
-            batch = torch.stack([pixels for _, pixels, _ in kept]) if kept else None
+            geometry.update((k, cut) for k, _, _, cut in kept)
+            batch = torch.stack([pixels for _, pixels, _, _ in kept]) if kept else None
             for flipped in variants:
                 if should_stop():
                     raise DatasetError("Interrupted while encoding the dataset.")
                 if batch is not None:
                     dist = backend.encode_images((torch.flip(batch, dims=[3]) if flipped else batch).to(backend.device))
-                    for row, (k, _, pixel_weight) in enumerate(kept):
+                    for row, (k, _, pixel_weight, _) in enumerate(kept):
                         mean, std = dist.mean[row].detach().float().cpu(), dist.std[row].detach().float().cpu()
                         if pixel_weight is not None and flipped:
                             pixel_weight = torch.flip(pixel_weight, dims=[2])
@@ -145,15 +153,19 @@ def prepare(
         for flipped, cached in encoded[k].items():
             cached.sample = _fixed_sample(cached.mean, cached.std, latent_sampling, derive_seed(seed, i, int(flipped)))
     return TrainingSet([scan.items[k].caption for k in order], [buckets[k] for k in order],
-                       [encoded[k] for k in order], skipped, [scan.items[k].path for k in order])
+                       [encoded[k] for k in order], skipped, [scan.items[k].path for k in order],
+                       [geometry[k] for k in order])
 
 
 def _load(item: images.ImageItem, size: tuple[int, int], alpha_weight: bool, skipped: list[images.SkippedFile]
-          ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Pixels `(3, H, W)` at `size` and, with `alpha_weight`, the pixel weight `(1, H, W)` (None = opaque);
-    None (and a report line) for an image that broke since the scan or has nothing visible."""
+          ) -> tuple[torch.Tensor, torch.Tensor | None, SampleGeometry] | None:
+    """Pixels `(3, H, W)` at `size`, with `alpha_weight` the pixel weight `(1, H, W)` (None = opaque), and how
+    the image was cut; None (and a report line) for an image that broke since the scan or has nothing visible."""
     try:
-        pixels = images.to_tensor(images.resize_and_crop(images.load_rgb(item.path), size))
+        source = images.load_rgb(item.path)
+        _, crop = images.cover_box(*source.size, size)
+        cut = SampleGeometry((source.height, source.width), crop, (size[1], size[0]))
+        pixels = images.to_tensor(images.resize_and_crop(source, size))
         weight = alpha.pixel_weight(alpha.load_alpha(item.path), size) if alpha_weight else None
     except Exception as exc:  # a file that changed or broke since the scan: report it, keep going
         skipped.append(images.SkippedFile(item.path, f"could not be read: {exc}"))
@@ -161,7 +173,7 @@ def _load(item: images.ImageItem, size: tuple[int, int], alpha_weight: bool, ski
     if alpha.too_transparent(weight):
         skipped.append(images.SkippedFile(item.path, alpha.TRANSPARENT_REASON))
         return None
-    return pixels, weight
+    return pixels, weight, cut
 
 
 def _fixed_sample(mean: torch.Tensor, std: torch.Tensor, mode: str, seed: int) -> torch.Tensor:

@@ -348,22 +348,32 @@ def choose_bucket(
     return min(bucket_candidates(resolution, step, max_aspect, area_tolerance), key=key)
 
 
-def resize_and_crop(
-    img: Image.Image, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.LANCZOS
-) -> Image.Image:
-    """Scale `img` to cover `size` and centre-crop it: no stretching, the least possible cut."""
+def cover_box(
+    width: int, height: int, size: tuple[int, int]
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The centre box of a `width` x `height` image that `resize_and_crop` keeps for `size` (w, h), in source
+    pixels, and its top-left (y, x) in the image scaled to cover `size` (SDXL's crop coordinates)."""
     bw, bh = size
     if bw < 1 or bh < 1:
         raise ValueError(f"target size must be positive, got {size}")
-    w, h = img.size
+    w, h = width, height
     if w * bh > h * bw:  # wider than the target: cut left and right
         cw = h * bw / bh
         box = ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
     else:  # taller: cut top and bottom
         ch = w * bh / bw
         box = (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
+    scale = bw / (box[2] - box[0])  # source pixels -> pixels of the covering resize
+    return box, (round(box[1] * scale), round(box[0] * scale))
+
+
+def resize_and_crop(
+    img: Image.Image, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
+    """Scale `img` to cover `size` and centre-crop it: no stretching, the least possible cut."""
+    box, _ = cover_box(*img.size, size)
     # One resampling pass over the crop box; reducing_gap makes big downscales fast and still sharp.
-    return img.resize((bw, bh), resample, box=box, reducing_gap=3.0)
+    return img.resize((size[0], size[1]), resample, box=box, reducing_gap=3.0)
 
 
 def to_array(img: Image.Image) -> np.ndarray:

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 SDXL_DIMS = {"clip_l": 768, "clip_g": 1280}
 # Widths of the single-encoder models A1111 trains for (SD1.x, SD2.x); others only get a warning.
 COMMON_SINGLE_DIMS = (768, 1024)
+REAL_WIDTHS = {*COMMON_SINGLE_DIMS, *SDXL_DIMS.values()}  # token-table widths of released CLIP text encoders
 # The constant A1111 writes under string_to_token (CLIP's id of "*"); loaders never read it.
 A1111_TOKEN_ID = 265
 METADATA_KEYS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
@@ -82,7 +83,15 @@ def check_embedding_vectors(vectors: Mapping[str, Any], where: str) -> dict[str,
             logger.debug("%s is %d wide; SD1 embeddings are 768 and SD2 ones 1024 wide", where, t.shape[1])
         return {SINGLE: t}
     if keys == set(SDXL_KEYS):
-        out = {k: check_vectors(vectors[k], f"{where} [{k}]", SDXL_DIMS[k]) for k in SDXL_KEYS}
+        out = {k: check_vectors(vectors[k], f"{where} [{k}]") for k in SDXL_KEYS}
+        widths = {k: int(t.shape[1]) for k, t in out.items()}
+        # A real encoder's width in the wrong place is a broken file; widths no real CLIP has are a toy model's
+        # (the embedded tiny-sdxl), whose files the model itself checks when they are used.
+        if widths != SDXL_DIMS and not set(widths.values()).isdisjoint(REAL_WIDTHS):
+            key = next(k for k in SDXL_KEYS if widths[k] != SDXL_DIMS[k])
+            check_vectors(out[key], f"{where} [{key}]", SDXL_DIMS[key])
+        if widths != SDXL_DIMS:
+            logger.debug("%s is %s wide; SDXL embeddings are %s wide", where, widths, SDXL_DIMS)
         if out["clip_l"].shape[0] != out["clip_g"].shape[0]:
             raise EmbeddingFormatError(
                 f"{where}: clip_l has {out['clip_l'].shape[0]} vectors but clip_g has "

@@ -519,7 +519,7 @@ class _MicroBatches:
             timesteps = torch.randint(0, self.backend.num_train_timesteps, (len(indices),), generator=gen)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                cond = self.backend.encode_text(texts, self.trigger, vectors)
+                cond = self.backend.encode_text(texts, self.trigger, vectors, self.data.geometries(indices))
                 loss = self.backend.training_loss(latents, cond, noise, timesteps.to(device), weight).mean()
             loss = loss / p.grad_accum
             self.scaler.scale(loss).backward()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backend import Backend
+from ..backend import Backend, SampleGeometry
 from ..data.dataset import TrainingSet, derive_seed, stack_weights
 from ..data.templates import PromptBuilder
 from ..errors import DatasetError
@@ -127,6 +127,7 @@ class _Sample:
     noise: torch.Tensor  # (C, h, w)
     timestep: int
     weight: torch.Tensor | None = None  # (1, h, w) loss weight from the alpha, as in training
+    geometry: SampleGeometry | None = None  # how the image was cut (size conditioning), as in training
 
 
 class ValidationSet:
@@ -158,7 +159,8 @@ class ValidationSet:
             noise = torch.randn((len(steps), *mean.shape), generator=gen)
             text = prompts.render(data.captions[i], random.Random(derive_seed(seed, i)))
             weight = data.latents[i][False].weight
-            self.samples += [_Sample(i, mean, text, noise[j], t, weight) for j, t in enumerate(steps)]
+            cut = data.geometry[i] if data.geometry else None
+            self.samples += [_Sample(i, mean, text, noise[j], t, weight, cut) for j, t in enumerate(steps)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -185,7 +187,9 @@ class ValidationSet:
             noise = torch.stack([s.noise for s in batch]).to(device)
             timesteps = torch.tensor([s.timestep for s in batch], device=device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                cond = self.backend.encode_text([s.text for s in batch], self.trigger, vectors)
+                cuts = [s.geometry for s in batch]
+                cond = self.backend.encode_text([s.text for s in batch], self.trigger, vectors,
+                                                None if None in cuts else cuts)
                 weight = stack_weights([s.weight for s in batch])  # alpha weights: the loss training minimizes
                 loss = self.backend.training_loss(latents, cond, noise, timesteps,
                                                   None if weight is None else weight.to(device))
