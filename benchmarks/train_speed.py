@@ -15,6 +15,15 @@ peak memory is measured cleanly; the parent prints steps/s, peak memory and rati
   diffusers-example-style the whole token-embedding matrix trainable with the other rows restored
                           after every step, the VAE encoding every step (diffusers' example script)
 
+SDXL configs (sdxl = full-size SDXL-shaped with random weights, tiny-sdxl, tiny-sdxl-real) run `ours` and the
+SDXL peers' loops of sdxl_loops.py instead of the SD1 ones:
+  diffusers-sdxl-style    diffusers' textual_inversion_sdxl.py: both encoders' whole token tables trainable,
+                          the other rows restored every step, the VAE encoding every step
+  kohya-style             kohya-ss/sd-scripts sdxl_train_textual_inversion.py with its defaults: latents not
+                          cached, plain attention, both whole tables trainable, grad-norm clipping
+`--flops` prints the FLOPs of one step of each SDXL loop at the given sizes (counted on the meta device,
+nothing allocated) and a 1024 px time estimate from them.
+
 Wall time: other processes on the machine slow every loop (each line shows the load average), so
 compare the ratios of one run, not numbers across runs.
 
@@ -22,6 +31,9 @@ compare the ratios of one run, not numbers across runs.
   python benchmarks/train_speed.py --config tiny --loops ours,ours-defaults
   python benchmarks/train_speed.py --config sd15 --size 256 --steps 4 --warmup 1
   python benchmarks/train_speed.py --config sd15 --size 512 --device cuda
+  python benchmarks/train_speed.py --config tiny-sdxl --steps 10
+  python benchmarks/train_speed.py --config sdxl --size 256 --steps 3 --warmup 1
+  python benchmarks/train_speed.py --config sdxl --flops 256,1024
 """
 
 from __future__ import annotations
@@ -41,8 +53,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # sdxl_loops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 LOOPS = ("ours", "ours-defaults", "a1111-style", "diffusers-example-style")
+SDXL_LOOPS = ("ours", "diffusers-sdxl-style", "kohya-style")
+SDXL_CONFIGS = ("sdxl", "tiny-sdxl", "tiny-sdxl-real")
+CONFIGS = ("tiny", "tiny-real-clip", "sd15", *SDXL_CONFIGS)
 NAME = "bench-token"
 
 
@@ -55,12 +73,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_backend(config: str, device: str):
+def reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark (VmHWM), so `hwm_mb` is the peak from here on (Linux); False if not
+    (the memory of the process is untouched: mode 5 resets only the mark)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def build_backend(config: str, device: str, dtype: torch.dtype = torch.float32):
     from textual_inversion_ext.backends.standalone import embedded_default, random_model
 
-    if config == "sd15":
-        return random_model("sd1", device=device, seed=0)
-    return embedded_default(config, device=device, seed=0)
+    if config in ("sd15", "sdxl"):
+        return random_model("sd1" if config == "sd15" else "sdxl", device=device, dtype=dtype, seed=0)
+    return embedded_default(config, device=device, dtype=dtype, seed=0)
+
+
+def default_loops(config: str) -> tuple[str, ...]:
+    return SDXL_LOOPS if config in SDXL_CONFIGS else LOOPS
 
 
 def make_images(folder: Path, size: int, count: int = 8) -> None:
@@ -78,20 +116,22 @@ def make_images(folder: Path, size: int, count: int = 8) -> None:
 
 
 class Timer:
-    """Wall time of the steps after warm-up, synchronising the device at both ends."""
+    """Wall time of the steps after warm-up, synchronising the device at both ends; also the process's CPU time
+    over the same window (on a CPU run with one thread: the compute, whatever else the machine runs)."""
 
     def __init__(self, device: torch.device, warmup: int) -> None:
         self.device, self.warmup, self.start, self.end = device, warmup, None, None
+        self.cpu_start, self.cpu_end = None, None
         self.extra = 0.0  # seconds outside the window that belong to it (validation before the first step)
 
     def step_done(self, step: int) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         if step == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-        self.end = time.perf_counter()
+        self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
 
 LINES = ["a photo of [name], [filewords]"]
@@ -135,7 +175,7 @@ def run_ours(backend, data, emb, args, timer: Timer, tmp: Path, defaults: bool) 
         validation.ValidationSet.loss = original
     if not defaults:
         return {}
-    timer.end = time.perf_counter()  # the end-of-run validation counts too
+    timer.end, timer.cpu_end = time.perf_counter(), time.process_time()  # the end-of-run validation counts too
     timer.extra = spent["before_window"]
     return {"validation_passes": spent["passes"], "validation_samples": spent["samples"],
             "validation_s": round(spent["seconds"], 3),
@@ -203,7 +243,7 @@ def run_diffusers_style(backend, data, emb, args, timer: Timer, pixels: list[tor
     from textual_inversion_ext.backends.standalone import splice
 
     device = backend.device
-    table = backend._embedding  # the text encoder's token-embedding module
+    table = next(iter(backend.encoders.values())).table  # the text encoder's token-embedding module
     vocab = table.weight.shape[0]
     init = emb.vectors["default"].to(device, table.weight.dtype)
     n = init.shape[0]
@@ -236,14 +276,28 @@ def run_diffusers_style(backend, data, emb, args, timer: Timer, pixels: list[tor
         timer.step_done(step + 1)
 
 
+def run_sdxl_peer(backend, data, emb, args, timer: Timer, pixels: list[torch.Tensor]) -> None:
+    """One of sdxl_loops.py's peer loops on the backend's modules."""
+    import sdxl_loops
+
+    step = sdxl_loops.Step(backend.unet, backend.vae, backend.text_encoder, backend.text_encoder_2,
+                           backend.noise_scheduler, {k: v.to(backend.device) for k, v in emb.vectors.items()})
+    # The scripts hold no splicing tables: once resize_token_embeddings has replaced them, the backend's references
+    # would keep the old tables alive (memory the peers never use).
+    backend.encoders.clear()
+    sdxl_loops.RUNNERS[args.loop](step, lambda i: f"a photo of {NAME}, {data.captions[i % len(data)]}",
+                                  lambda i: pixels[i % len(pixels)], args.warmup + args.steps, NAME, 0.005,
+                                  torch.Generator().manual_seed(0), step_done=timer.step_done)
+
+
 def worker(args: argparse.Namespace) -> dict:
     from textual_inversion_ext.core.data import images
     from textual_inversion_ext.core.data.dataset import prepare
-    from textual_inversion_ext.core.embedding import SINGLE, Embedding
+    from textual_inversion_ext.core.embedding import Embedding
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    backend = build_backend(args.config, args.device)
+    backend = build_backend(args.config, args.device, DTYPES[args.dtype])
     size = args.size or backend.info.resolution
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -254,27 +308,36 @@ def worker(args: argparse.Namespace) -> dict:
                        latent_sampling="once", seed=0)
         pixels = [images.to_tensor(images.resize_and_crop(images.load_rgb(it.path), (size, size)))
                   for it in scan.items]
-        init = backend.token_rows([1746, 7869])[SINGLE].mean(0, keepdim=True).repeat(2, 1)
-        emb = Embedding(NAME, {SINGLE: init.cpu()})
+        # Two vectors per encoder, each the mean of two tokens' rows (SD1: the one encoder, SINGLE)
+        rows = backend.token_rows([1746, 7869])
+        emb = Embedding(NAME, {k: v.mean(0, keepdim=True).repeat(2, 1).cpu() for k, v in rows.items()})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         base_rss = rss_mb()
+        # Peak from here on: building the model (in float32 whatever --dtype) must not count, nor
+        # preparing the data (Linux; elsewhere the process's lifetime peak).
+        peak_from = "training" if reset_peak_rss() else "process start"
         timer = Timer(device, args.warmup)
         extra = {}
         if args.loop in ("ours", "ours-defaults"):
             extra = run_ours(backend, data, emb, args, timer, tmp, defaults=args.loop == "ours-defaults")
         elif args.loop == "a1111-style":
             run_a1111_style(backend, data, emb, args, timer)
-        else:
+        elif args.loop == "diffusers-example-style":
             run_diffusers_style(backend, data, emb, args, timer, pixels)
+        else:
+            run_sdxl_peer(backend, data, emb, args, timer, pixels)
         elapsed = timer.end - timer.start + timer.extra
         if args.loop == "ours-defaults":
             steps_only = (elapsed - extra["validation_s"]) / args.steps
             extra.update(project_default_validation(backend, data, emb, steps_only, extra))
     result = {
-        "config": args.config, "loop": args.loop, "size": size, "device": args.device,
+        "config": args.config, "loop": args.loop, "size": size, "device": args.device, "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
         "steps": args.steps, "steps_per_s": args.steps / elapsed, "s_per_step": elapsed / args.steps,
-        "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_training_mb": round(base_rss, 1),
+        "cpu_s_per_step": (timer.cpu_end - timer.cpu_start) / args.steps,
+        "peak_rss_mb": round(hwm_mb() if peak_from == "training" else peak_rss_mb(), 1), "peak_rss_from": peak_from,
+        "rss_before_training_mb": round(base_rss, 1),
         # Wall time: other processes on the machine slow every loop; the load shows how busy it was.
         "load_avg_1min": round(os.getloadavg()[0], 2), **extra,
     }
@@ -283,24 +346,73 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def print_flops(args: argparse.Namespace) -> int:
+    """FLOPs of one training step of every SDXL loop (meta device) and what they mean in time at `--tflops`."""
+    import sdxl_loops
+
+    if args.config not in SDXL_CONFIGS:
+        print("--flops counts the SDXL loops; use an SDXL config", file=sys.stderr)
+        return 2
+    sizes = [int(x) for x in args.flops.split(",")]
+    counts = sdxl_loops.count_flops(args.config, sizes, f"a photo of {NAME}, shapes, picture 0", NAME,
+                                    checkpointed=True)
+    print(f"config {args.config}: TFLOPs of one training step (batch 1), counted on the meta device; time at an "
+          f"assumed sustained {args.tflops:g} TFLOP/s (an estimate, not a measurement)")
+    for size, per_loop in counts.items():
+        ours = per_loop["ours"]
+        for loop, flops in per_loop.items():
+            ratio = "" if loop.startswith("ours") else f"   ours / it: {ours / flops:.3f}"
+            print(f"  {size:>5} px  {loop:<26} {flops / 1e12:8.3f} TFLOPs  ~{flops / (args.tflops * 1e12):6.3f} s/step"
+                  + ratio)
+    print("Our step's memory (meta device): weights + tensors saved for the backward pass at the end of the forward "
+          "(the backward's transients come on top); fp32 as on this CPU, bf16/fp16 weights (2 bytes) as on a GPU")
+    memory = {}
+    for size in sizes:
+        for dtype, ckpt in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+            parts = sdxl_loops.saved_activation_bytes(args.config, size, dtype, ckpt)
+            weights = sum(v for k, v in parts.items() if k != "saved")
+            label = f"{size} px {'fp32' if dtype == torch.float32 else 'bf16'}{' + UNet checkpointing' if ckpt else ''}"
+            memory[label] = {k: round(v / 2**30, 3) for k, v in parts.items()}
+            total = (weights + parts["saved"]) / 2**30
+            print(f"  {label:<36} weights {weights / 2**30:6.2f} GiB (VAE {parts['AutoencoderKL'] / 2**30:.2f}) + "
+                  f"saved activations {parts['saved'] / 2**30:6.2f} GiB = {total:6.2f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps({"flops": {str(k): v for k, v in counts.items()}, "memory_gib": memory,
+                                         "assumed_tflops": args.tflops}, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", choices=("tiny", "tiny-real-clip", "sd15"))
+    parser.add_argument("--config", default="tiny", choices=CONFIGS)
     parser.add_argument("--size", type=int, default=0, help="image size; 0 = the model's native size")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--loops", default=",".join(LOOPS))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                        help="the frozen model's dtype (fp32 as the SD1 rows; bf16/fp16 = the peers' mixed "
+                             "precision choice, ours with the weights loaded so)")
+    parser.add_argument("--loops", default=None, help="comma-separated; default: the config family's loops "
+                        f"(SD1: {','.join(LOOPS)}; SDXL: {','.join(SDXL_LOOPS)})")
+    parser.add_argument("--flops", default=None, help="SDXL configs: count the FLOPs of one step of every loop at "
+                        "these comma-separated sizes (meta device) and exit")
+    parser.add_argument("--tflops", type=float, default=40.0,
+                        help="sustained TFLOP/s assumed for the --flops time estimate (default: ~50%% of an RTX "
+                             "4090's 82.6 dense bf16 TFLOP/s with fp32 accumulation, ~36%% of an RTX A5000's 111)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--loop", help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    if args.flops:
+        return print_flops(args)
     if args.loop:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
     results = []
-    for loop in args.loops.split(","):
+    for loop in (args.loops.split(",") if args.loops else default_loops(args.config)):
         cmd = [sys.executable, __file__, "--config", args.config, "--size", str(args.size), "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--loop", loop]
+        if args.dtype != "fp32":  # the SD1 command lines stay as they were
+            cmd += ["--dtype", args.dtype]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
@@ -311,7 +423,7 @@ def main() -> int:
         print(f"{loop:>24}: {r['steps_per_s']:.3f} steps/s ({r['s_per_step']:.3f} s/step), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f", peak CUDA {r['peak_cuda_mb']:.0f} MB"
                                                       if "peak_cuda_mb" in r else "")
-              + f", load {r['load_avg_1min']:.1f}", flush=True)
+              + f", load {r['load_avg_1min']:.1f}, CPU time {r['cpu_s_per_step']:.3f} s/step", flush=True)
         if "validation_passes" in r:
             print(f"{'':>26}this run: {r['validation_passes']} validation pass(es), {r['validation_s']:.2f} s; "
                   f"{r['validation_plan']}\n{'':>26}default validation over {r['projected_steps']} steps: "
@@ -320,12 +432,14 @@ def main() -> int:
                   f"({r['validation_cost_from']})", flush=True)
     for ours in (r for r in results if r["loop"].startswith("ours")):
         mem_key = "peak_cuda_mb" if "peak_cuda_mb" in ours else "peak_rss_mb"
-        print(f"\nconfig {args.config}, {ours['size']} px, {args.device}; ratios = {ours['loop']} / peer")
+        print(f"\nconfig {args.config}, {ours['size']} px, {args.device}, {args.dtype}, {ours['threads']} thread(s); "
+              f"ratios = {ours['loop']} / peer")
         for r in results:
             if r["loop"].startswith("ours"):
                 continue
             print(f"  vs {r['loop']:<24} speed {ours['steps_per_s'] / r['steps_per_s']:.2f}x   "
-                  f"peak memory {ours[mem_key] / r[mem_key]:.2f}x")
+                  f"peak memory {ours[mem_key] / r[mem_key]:.2f}x   "
+                  f"(by CPU time: {r['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

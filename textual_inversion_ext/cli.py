@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="Make a sample dataset and train on the embedded model.",
                        description="Generate a small sample dataset with PIL, create an embedding from an init "
-                                   "text, train it on the embedded default model, and write the embedding "
-                                   "(.pt and .safetensors), the loss CSV and a loss plot.")
+                                   "text, train it on --model (default: the embedded tiny one), and write the "
+                                   "embedding (.pt and .safetensors), the loss CSV and a loss plot.")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="Output folder. Default: %(default)s.")
     p.add_argument("--steps", type=int, default=300, help="Training steps. Default: %(default)s.")
     p.add_argument("--seed", type=int, default=0, help="Seed. Default: %(default)s.")
@@ -305,7 +305,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .core.training.records import recorded_step
+
     info = formats.describe(args.file)
+    if not info["step"]:  # a file that holds no step (an SDXL .pt): the run record saved beside it may know it
+        info["step"] = recorded_step(formats.load_embedding(args.file).embedding, Path(info["path"]))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -97,14 +97,13 @@ def plot_losses(csv_path: Path, out: Path, title: str, validation: list[tuple[in
 
 
 def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dict[str, object]:
-
     out = Path(out)
     data_dir = out / "dataset"
     make_sample_dataset(data_dir, seed=seed)
     emb_dir = out / "embeddings"
-    # Both file types for every model family: .pt trained, .safetensors written from it below.
-    created = create_embedding(backend, CreateParams(name=DEMO_NAME, init_text=DEMO_INIT, overwrite=True),
-                               emb_dir, suffix=".pt")
+    # Both file types for every model family: the model's own type is trained (it keeps the step: an SDXL .pt
+    # cannot), the other is written from it below.
+    created = create_embedding(backend, CreateParams(name=DEMO_NAME, init_text=DEMO_INIT, overwrite=True), emb_dir)
     params = TrainParams(max_steps=steps, csv_every=1, save_every=max(1, steps // 3),
                          preview_every=max(1, steps // 3), val_every=max(1, steps // 12), seed=seed,
                          val_budget=0.0)  # a curve worth plotting: the tiny model validates in no time
@@ -112,14 +111,16 @@ def run_demo(out: Path, *, steps: int = 300, seed: int = 0, backend=None) -> dic
     outcome = train_with_progress_bar(backend, request)
     result = outcome.result
     trained = formats.load_embedding(result.final_path).embedding
-    st_path = formats.save_embedding(trained, emb_dir / f"{DEMO_NAME}.safetensors")[0]
+    other = ".pt" if result.final_path.suffix == ".safetensors" else ".safetensors"
+    files = {result.final_path.suffix: result.final_path,
+             other: formats.save_embedding(trained, emb_dir / f"{DEMO_NAME}{other}")[0]}
     plot = plot_losses(outcome.paths.loss_csv, out / "loss.png", f"{DEMO_NAME}: {result.step} steps",
                        result.validation, result.best_step)
     # The validation loss (training images, fixed noise and timesteps) at the start and at the end.
     start, end = result.validation[0][1], result.validation[-1][1]
     summary = {
-        "embedding_pt": result.final_path,
-        "embedding_safetensors": st_path,
+        "embedding_pt": files[".pt"],
+        "embedding_safetensors": files[".safetensors"],
         "run_record": sidecar_path(result.final_path),
         "loss_csv": outcome.paths.loss_csv,
         "loss_plot": plot,

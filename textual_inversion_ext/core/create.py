@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
-from . import formats, tokens
+from . import create_hints, formats, tokens
 from .backend import Backend
 from .embedding import Embedding, validate_name
 from .errors import TIError
 from .params import param, validate
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -64,6 +63,9 @@ def create_embedding(backend: Backend, params: CreateParams, folder: Path, suffi
                           sd_checkpoint_name=backend.info.name)
     formats.save_embedding(embedding, path)
     message = f"Created {path} ({n_vectors} vector{'s' if n_vectors != 1 else ''})."
+    per_encoder = create_hints.encoder_note(encoders)
+    if per_encoder:
+        message += f" {per_encoder.text}"
     if notes:
         message += " " + " ".join(notes)
     logger.info(message)

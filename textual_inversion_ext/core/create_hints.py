@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from . import tokens
@@ -127,8 +127,26 @@ def vectors_for(init_text: str, num_vectors: int) -> int:
     return int(num_vectors) if num_vectors else tokens.suggest_vectors(init_text or "")
 
 
-def init_text_hints(init_text: str, num_vectors: int = 0, init_mode: str = "pool") -> list[Hint]:
-    """Token count and suggested vectors of an init text, and how its tokens map onto the vectors."""
+def encoder_note(encoders: Mapping[str, int] | None) -> Hint | None:
+    """For a model with several text encoders (SDXL: clip_l and clip_g, `ModelInfo.encoders`), what a vector is
+    in each; None for one encoder. Both read the same BPE tokens, so every token count holds for each."""
+    if not encoders or len(encoders) < 2:
+        return None
+    widths = " + ".join(f"{key} {dim}" for key, dim in encoders.items())
+    return Hint(INFO, f"{widths} wide: each vector is one row in each text encoder; the init text's tokens give "
+                      "each encoder its own starting rows (the token counts hold for both).")
+
+
+def init_text_hints(init_text: str, num_vectors: int = 0, init_mode: str = "pool",
+                    encoders: Mapping[str, int] | None = None) -> list[Hint]:
+    """Token count and suggested vectors of an init text, and how its tokens map onto the vectors; with the
+    model's `encoders` (key -> width) known and more than one, a note on what a vector is per encoder."""
+    hints = _init_text_hints(init_text, num_vectors, init_mode)
+    note = encoder_note(encoders)
+    return [*hints, note] if note else hints
+
+
+def _init_text_hints(init_text: str, num_vectors: int, init_mode: str) -> list[Hint]:
     vectors = vectors_for(init_text, num_vectors)
     if not init_text or not init_text.strip():
         if num_vectors:

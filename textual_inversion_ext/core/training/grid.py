@@ -17,6 +17,7 @@ from .. import formats
 from ..backend import Backend
 from ..errors import Interrupted, TIError
 from .previews import PreviewSettings
+from .records import recorded_step
 from .validation import FORWARD_COST
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,13 @@ def columns_from(files: Sequence[Path], final: Path | None = None) -> list[tuple
     columns, steps = [], set()
     for i, path in enumerate(files):
         emb = formats.load_embedding(path).embedding
+        emb.step = recorded_step(emb, path)
         steps.add(emb.step)
         label = ("init" if emb.step == 0 else f"start ({emb.step})") if i == 0 else f"step {emb.step}"
         columns.append((label, emb.vectors))
     if final is not None and final.exists():
         emb = formats.load_embedding(final).embedding
+        emb.step = recorded_step(emb, final)
         if emb.step not in steps:
             columns.append((f"final ({emb.step})", emb.vectors))
     if not columns:

@@ -27,6 +27,7 @@ from ..params import to_record, validate
 from . import grid
 from .precision import resolve_precision
 from .previews import PreviewSettings, preview_prompts, save_png
+from .records import recorded_step
 from .schedule import LRSchedule
 from .train_params import TrainParams
 from .trainer import ArtifactCallback, ProgressCallback, RunPaths, TrainResult, sidecar_path, train
@@ -95,6 +96,7 @@ def run_training(
     source = request.resume_from or request.embedding_path
     loaded = formats.load_embedding(source)
     embedding = loaded.embedding
+    embedding.step = recorded_step(embedding, source)  # an SDXL .pt stores no step: its run record has it
     if request.resume_from is not None:
         # A snapshot is named `<name>-<step>`; the embedding keeps the name of the file it replaces.
         embedding.name = formats.load_embedding(request.embedding_path).embedding.name

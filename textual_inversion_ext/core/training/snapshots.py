@@ -13,7 +13,7 @@ from ..embedding import Embedding
 from ..errors import UnsafeFileError
 from ..fileio import atomic_write_text
 from .grid import snapshot_files, snapshot_step
-from .trainer import sidecar_path
+from .records import recorded_step, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def promote(snapshot: Path, target: Path) -> Path:
     its optimizer state and a sidecar saying where it came from. Atomic: `target` is replaced at once."""
     snapshot = Path(snapshot)
     emb = formats.load_embedding(snapshot).embedding
+    emb.step = recorded_step(emb, snapshot)
     emb.name = Path(target).stem  # the trigger word is the file stem, not the snapshot's `<name>-<step>`
     formats.save_embedding(emb, target)
     state = _checked_training_state(emb, snapshot)

@@ -33,6 +33,7 @@ from .grid import snapshot_step
 from .metrics import LossCsv, Progress, StepTimer
 from .precision import Precision, resolve_precision
 from .previews import PreviewSettings, preview_prompts, save_png
+from .records import sidecar_path
 from .schedule import LRSchedule
 from .train_params import TrainParams
 from .validation import ValidationPlan, ValidationSet, ValidationTracker, plan_for
@@ -42,12 +43,6 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[Progress], None]
 ArtifactCallback = Callable[[str, Path], None]  # ("snapshot" | "preview", path), as soon as it is written
 SavedCallback = Callable[[Path, dict[str, Any]], None]  # after every embedding save: (path, facts of the run)
-
-
-def sidecar_path(embedding_path: Path) -> Path:
-    """The run record next to a saved embedding: `name.pt` -> `name.pt.json` (A1111 keeps `name.json` for
-    its own user metadata, so that name is left alone)."""
-    return embedding_path.with_name(embedding_path.name + ".json")
 
 
 @dataclass
@@ -426,6 +421,8 @@ class _Run:
             "best_step": r.best_step, "best_val_loss": r.best_loss,
             "norm_ratio": r.norms[-1][1] if r.norms else None,
             "warnings": list(r.warnings), "recoveries": len(r.recoveries),
+            # pairs the record with the vectors saved with it (`records.recorded_step`: files without a step)
+            "content_hash": self.embedding.content_hash(),
         }
 
     def _preview(self, step: int) -> None:
