@@ -131,8 +131,19 @@ def test_host_interrupt_button_stops_a_job(host):
     assert host.shared.state.calls[-1][0] == "end"
 
 
+def _sdxl_refiner() -> SimpleNamespace:
+    """An SDXL-family model whose conditioner has only the clip_g text encoder (as the refiner)."""
+    table = SimpleNamespace(textual_inversion_key="clip_g", wrapped=torch.nn.Embedding(4, 1280))
+    clip_g = SimpleNamespace(encode_embedding_init_text=None, wrapped=SimpleNamespace(
+        model=SimpleNamespace(token_embedding=table)))
+    return SimpleNamespace(is_sdxl=True, conditioner=SimpleNamespace(embedders=[clip_g, SimpleNamespace()]),
+                           model=SimpleNamespace(diffusion_model=SimpleNamespace(in_channels=4)))
+
+
 @pytest.mark.parametrize(("model", "cmd", "message"), [
-    (SimpleNamespace(is_sdxl=True, is_sd1=False, is_sd2=False), {}, "SDXL"),
+    (_sdxl_refiner(), {}, "refiner"),
+    (SimpleNamespace(is_sdxl=True, model=SimpleNamespace(diffusion_model=SimpleNamespace(in_channels=9))), {},
+     "SDXL inpainting"),
     (SimpleNamespace(is_sdxl=False, is_sd1=True, is_sd2=False), {"lowvram": True}, "--lowvram"),
     (SimpleNamespace(is_sdxl=False, is_sd1=True, model=SimpleNamespace(conditioning_key="hybrid")), {},
      "Inpainting"),

@@ -176,7 +176,7 @@ def test_a1111_backend_uses_the_shared_loss_with_weights(a1111_backend) -> None:
         grads[name] = cond.grad
     assert not torch.allclose(grads["left"], grads["plain"])
     with pytest.raises(ModelError, match="an SDXL embedding on an SD1/SD2 model"):
-        a1111_backend._check_vectors({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)})
+        a1111_backend._host_vec({"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)})
 
 
 def test_visiting_brings_an_offloaded_vae_home_for_the_block_only() -> None:

@@ -91,7 +91,9 @@ def create(service: Service, body: dict[str, Any]) -> dict[str, Any]:
 
 def create_hints(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     """POST the /create body ("name", "init_text"?, "num_vectors"?, "init_mode"?) and "template"?: the live
-    hints, each {"level": "info"|"warn", "text"}, under "name", "init_text" and "prompt_budget"."""
+    hints, each {"level": "info"|"warn", "text"}, under "name", "init_text" and "prompt_budget"; "model": the
+    loaded model's {"family", "name", "encoders", "suffix"} the hints were made for (null, with "model_error",
+    when none can be used: the hints then count for one encoder and a .pt file)."""
     record = dict(body)
     template = record.pop("template", None)
     if template is not None and not isinstance(template, str):

@@ -19,7 +19,7 @@ from .core.create import Created, CreateParams, create_embedding
 from .core.data.preprocess import PreprocessParams, Upscaler, check_params, preprocess, resolve_folders
 from .core.data.templates import load_template
 from .core.embedding import validate_name
-from .core.errors import EmbeddingFormatError, Interrupted, TIError
+from .core.errors import EmbeddingFormatError, Interrupted, ModelError, TIError
 from .core.fileio import check_inside
 from .core.params import from_record, to_record
 from .core.training import grid
@@ -110,10 +110,26 @@ class Service:
         self.on_embeddings_changed()
         return created
 
+    def model_summary(self) -> dict[str, Any]:
+        """The loaded model as the UI and API show it: {"family", "name", "encoders" (key -> width), "suffix"
+        (the file type Create saves)}. Asked anew each call: the host may switch checkpoints at any time.
+        Raises TIError (ModelError) when no model can be used."""
+        try:
+            info = self.backend().info
+            return {"family": info.family, "name": info.name, "encoders": dict(info.encoders),
+                    "suffix": info.embedding_suffix}
+        except TIError:
+            raise
+        except Exception as exc:  # no checkpoint loaded yet, a half-switched model: one line, not a traceback
+            # every note event asks: the trace only when debugging, not once per keystroke
+            logger.warning("Cannot read the loaded model: %s", exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            raise ModelError(f"Cannot read the loaded model: {exc}") from exc
+
     def create_hints(self, name: str = "", init_text: str = "", num_vectors: int = 0, template: str | None = None,
                      init_mode: str = "pool") -> dict[str, Any]:
-        """The Create form's hints (core/create_hints): the name (word? exists?), the init text, and the
-        longest training prompt of `template` (default: the training default) with this many vectors."""
+        """The Create form's hints (core/create_hints): the name (word? exists?), the init text (counted per
+        encoder of the loaded model), and the longest training prompt of `template` (default: the training
+        default) with this many vectors. "model": `model_summary()`, or None with "model_error" saying why."""
         hints = create_hints
         entries = self.list_embeddings()
         template = template or self.train_defaults().get("template") or TrainParams().template
@@ -122,10 +138,16 @@ class Service:
             budget = hints.prompt_budget(load_template(template), vectors, (), name)
         except TIError as exc:  # a missing or unreadable template
             budget = [hints.Hint(hints.WARN, str(exc))]
+        try:
+            model, model_error = self.model_summary(), None
+        except TIError as exc:  # the hints do not need a model: give them without its part
+            model, model_error = None, str(exc)
+        encoders, suffix = (model["encoders"], model["suffix"]) if model else (None, None)
         names, files = [e["name"] for e in entries], [e["file"] for e in entries]
-        return {"name": hints.as_records(hints.name_hints(name, names, files)),
-                "init_text": hints.as_records(hints.init_text_hints(init_text, num_vectors, init_mode)),
-                "prompt_budget": hints.as_records(budget), "vectors": vectors, "template": template}
+        return {"name": hints.as_records(hints.name_hints(name, names, files, suffix)),
+                "init_text": hints.as_records(hints.init_text_hints(init_text, num_vectors, init_mode, encoders)),
+                "prompt_budget": hints.as_records(budget), "vectors": vectors, "template": template,
+                "model": model, "model_error": model_error}
 
     def train_params(self, record: Mapping[str, Any]) -> TrainParams:
         """TrainParams from the host's defaults overlaid with `record` (validated; unknown keys fail)."""

@@ -184,3 +184,29 @@ def stop_job_and_remove_logs(api: HostApi, job_id: str) -> str | None:
     if log_dir:
         shutil.rmtree(log_dir, ignore_errors=True)
     return log_dir
+
+
+SDXL_CHECKPOINT = "tiny-sdxl.safetensors"  # host-lab: SDXL=1 ./build.sh
+
+
+@contextlib.contextmanager
+def checkpoint_loaded(api: HostApi, filename: str) -> Iterator[str]:
+    """Switch the host to the checkpoint `filename` (through its API, no restart) for the block, then back to
+    the one that was loaded. Skips when the host does not have it. Yields its title."""
+    titles = {m["filename"].replace("\\", "/").rsplit("/", 1)[-1]: m["title"]
+              for m in api.call("GET", "/sdapi/v1/sd-models")}
+    if filename not in titles:
+        pytest.skip(f"the host has no {filename} (host-lab: SDXL=1 ./build.sh)")
+    before = api.call("GET", "/sdapi/v1/options")["sd_model_checkpoint"]
+    api.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": titles[filename]})
+    try:
+        yield titles[filename]
+    finally:
+        api.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": before})
+
+
+@pytest.fixture(scope="module")
+def sdxl_host(host_api) -> Iterator[HostApi]:
+    """The host with the tiny SDXL checkpoint loaded for the module; the previous checkpoint afterwards."""
+    with checkpoint_loaded(host_api, SDXL_CHECKPOINT):
+        yield host_api

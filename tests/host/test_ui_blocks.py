@@ -73,7 +73,8 @@ def test_sub_tabs_and_ids(blocks):
                    "tiext_train_message", "tiext_train_lr_chart", "tiext_train_norm_chart", "tiext_train_warnings",
                    "tiext_train_result", "tiext_promote_best", "tiext_render_grid", "tiext_snapshot",
                    "tiext_promote_selected", "tiext_resume_selected", "tiext_train_grid", "tiext_preset",
-                   "tiext_preset_save", "tiext_preset_load", "tiext_copy_txt2img"):
+                   "tiext_preset_save", "tiext_preset_load", "tiext_copy_txt2img", "tiext_create_model_info",
+                   "tiext_create_model_refresh", "tiext_train_model_info"):
         assert needed in ids, needed
     for chart in ("tiext_train_loss_chart", "tiext_train_lr_chart", "tiext_train_norm_chart"):
         assert isinstance(ids[chart], gr.LinePlot)
@@ -191,16 +192,61 @@ def test_served_endpoints_create_train_refusal_and_interrupt(service, tmp_path):
 def test_create_notes_and_the_effective_lr_note_are_wired(blocks, service):
     ids = by_id(blocks)
     outputs = {tuple(o._id for o in f.outputs): f.fn for f in fns(blocks)}
-    note_ids = (ids["tiext_create_name_info"]._id, ids["tiext_create_init_text_info"]._id)
-    name_html, init_html = outputs[note_ids]("car", "blue bmw", 70, "pool")  # name, init text, vectors, mode
+    note_ids = tuple(ids[f"tiext_create_{box}_info"]._id for box in ("name", "init_text", "model"))
+    name_html, init_html, _ = outputs[note_ids]("car", "blue bmw", 70, "pool")  # name, init text, vectors, mode
     assert "tiext-warn" in name_html and "whole word of CLIP" in name_html
     assert "2 tokens → suggested vectors 2" in init_html and "over the 75-token budget" in init_html
-    init_only = outputs[note_ids[1:]]("tiext-robot", "blue bmw", 0, "pool")
+    init_only, _ = outputs[note_ids[1:]]("tiext-robot", "blue bmw", 0, "pool")
     assert init_only == "<div class='tiext-note'>2 tokens → suggested vectors 2</div>"
     lr = ids["tiext_train_lr_info"]
     assert isinstance(lr, gr.HTML)
     assert "= 0.02." in outputs[(lr._id,)]("0.005", 2, 2, True)
     assert "tiext-warn" in outputs[(lr._id,)]("0.005:x", 2, 2, True)
+
+
+def test_model_lines_and_counts_follow_a_checkpoint_switch(service):
+    from _ui_fakes import StubBackend
+
+    from textual_inversion_ext.core.backend import ModelInfo
+    from textual_inversion_ext.core.errors import ModelError
+
+    class StubSDXL(StubBackend):
+        info = ModelInfo(family="sdxl", encoders={"clip_l": 8, "clip_g": 16}, resolution=64, name="stub-xl",
+                         short_hash=None)
+
+    sd1, loaded = service.backend(), {}
+    service.backend = lambda: loaded.get("now", sd1)  # the host's: whatever is loaded when asked
+    blocks = build_tabs(service)
+    ids = by_id(blocks)
+    create_line, train_line = ids["tiext_create_model_info"], ids["tiext_train_model_info"]
+    notes = [ids["tiext_create_name_info"]._id, ids["tiext_create_init_text_info"]._id, create_line._id]
+    # the name box, the Create refresh button and showing the Create tab redo the notes and the line
+    note_fns = [f.fn for f in fns(blocks) if [o._id for o in f.outputs] == notes]
+    train_fns = [f.fn for f in fns(blocks) if [o._id for o in f.outputs] == [train_line._id]]
+    assert len(note_fns) == 3 and len(train_fns) == 2  # Train: showing the tab, choosing an embedding
+    load = next(f.fn for f in fns(blocks) if train_line._id in [o._id for o in f.outputs] and len(f.outputs) > 2)
+    refresh = next(f.fn for f in fns(blocks) if [o._id for o in f.outputs] == [ids["tiext_train_embedding"]._id,
+                                                                                 train_line._id])
+    _, init_html, line = note_fns[0]("tiext-robot", "red robot", 0, "pool")
+    assert "SD1: 8 per vector (.pt)" in line and ">2 tokens → suggested vectors 2<" in init_html
+    loaded["now"] = StubSDXL()
+    for fn in note_fns:
+        _, init_html, line = fn("tiext-robot", "red robot", 0, "pool")
+        assert "Loaded model: stub-xl — SDXL: each vector is clip_l 8 + clip_g 16 (saved as .safetensors)" in line
+        assert "clip_l: 2 tokens · clip_g: 2 tokens → suggested vectors 2" in init_html
+    assert all("SDXL" in fn() for fn in train_fns) and "SDXL" in refresh()[1]
+    *_, create_html, train_html = load("tiext-robot", "red robot", 0, "pool")
+    assert "SDXL" in create_html and create_html == train_html
+    loaded["now"] = ModelError("No checkpoint is loaded.")
+
+    def failing():
+        raise loaded["now"]
+
+    service.backend = failing
+    failed = "<div class='tiext-note tiext-model tiext-warn'>No checkpoint is loaded.</div>"
+    assert train_fns[0]() == failed and load("x", "", 0, "pool")[-2:] == (failed, failed)
+    assert note_fns[0]("x", "red robot", 0, "pool")[1:] == (
+        "<div class='tiext-note'>2 tokens → suggested vectors 2</div>", failed)  # the hints still come
 
 
 def test_new_series_results_and_grid_reach_the_components(tmp_path):

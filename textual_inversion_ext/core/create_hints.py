@@ -71,30 +71,39 @@ def vocabulary_word(name: str) -> str | None:
     return word if len(tokens.token_ids(word)) == 1 else None
 
 
-def _collision(name: str, existing_names: Iterable[str], existing_files: Iterable[str] | None) -> str | None:
+def _collision(name: str, existing_names: Iterable[str], existing_files: Iterable[str] | None,
+               suffix: str = ".pt") -> str | None:
     key = name.lower()
     files = None if existing_files is None else [str(f) for f in existing_files]
     clashes = {n.strip() for n in existing_names if n and n.strip().lower() == key}
     clashing_files = sorted(f for f in files or () if trigger_word(f).lower() == key)
     if not clashes and not clashing_files:
         return None
-    target = f"{name}.pt"
+    target = f"{name}{suffix}"
     if files is None or target in files:
         return (f"An embedding named {name!r} already exists: Create refuses the name unless Overwrite is on, "
                 f"which replaces {target}.")
     shown = ", ".join(clashing_files) or ", ".join(repr(n) for n in sorted(clashes))
-    return (f"The existing embedding {shown} already answers to {name!r}: prompts are lower-cased, so case does "
-            f"not tell trigger words apart. Create would save {target} next to it, two embeddings with one "
-            "trigger word of which the host uses only one (where file names ignore case, as on Windows, "
-            "Create refuses it unless Overwrite is on). Choose another name.")
+    # Only a difference in case needs the lower-casing explained; a file of another type (an SD1 .pt beside
+    # an SDXL .safetensors) has the very same trigger word.
+    case = not clashing_files or any(trigger_word(f) != name for f in clashing_files)
+    why = ": prompts are lower-cased, so case does not tell trigger words apart" if case else ""
+    # A case-insensitive file system sees the same file only when the type matches too.
+    same_file = any(f.lower() == target.lower() for f in clashing_files)
+    windows = (" (where file names ignore case, as on Windows, Create refuses it unless Overwrite is on)"
+               if same_file else "")
+    return (f"The existing embedding {shown} already answers to {name!r}{why}. Create would save {target} next "
+            f"to it, two embeddings with one trigger word of which the host uses only one{windows}. "
+            "Choose another name.")
 
 
 def name_hints(name: str, existing_names: Iterable[str] = (),
-               existing_files: Iterable[str] | None = None) -> list[Hint]:
+               existing_files: Iterable[str] | None = None, suffix: str | None = None) -> list[Hint]:
     """Validity, token count, "is a vocabulary word" and "already exists" hints for an embedding name.
 
     `existing_names`: the names (trigger words) of existing embeddings; `existing_files`: their file
-    names, when known (then the collision hint says exactly whether Create would refuse the name).
+    names, when known (then the collision hint says exactly whether Create would refuse the name);
+    `suffix`: the file type Create saves for the loaded model (`ModelInfo.embedding_suffix`; None: ".pt").
     An empty name gives no hints.
     """
     if not name or not name.strip():
@@ -113,7 +122,7 @@ def name_hints(name: str, existing_names: Iterable[str] = (),
             f"so while this one is loaded A1111 (and this trainer) put the embedding in place of {word!r} in "
             f"every prompt, also in 'a red {word}': the word loses its usual meaning. Pick a name that is not "
             f"a word, e.g. '{word}-ti' or 'my-{word}'.")))
-    clash = _collision(cleaned, existing_names, existing_files)
+    clash = _collision(cleaned, existing_names, existing_files, suffix or ".pt")
     if clash:
         out.append(Hint(WARN, clash))
     return out
@@ -137,16 +146,37 @@ def encoder_note(encoders: Mapping[str, int] | None) -> Hint | None:
                       "each encoder its own starting rows (the token counts hold for both).")
 
 
+def model_line(family: str, name: str, encoders: Mapping[str, int], suffix: str) -> str:
+    """The loaded model as the Create and Train tabs show it: its family and what one vector of a new embedding
+    is, e.g. "Loaded model: x — SDXL: each vector is clip_l 768 + clip_g 1280 (saved as .safetensors)"."""
+    label = str(family or "unknown").upper()
+    if len(encoders) > 1:
+        widths = " + ".join(f"{key} {dim}" for key, dim in encoders.items())
+        what = f"each vector is {widths} (saved as {suffix})"
+    else:
+        what = f"{' + '.join(str(dim) for dim in encoders.values()) or '?'} per vector ({suffix})"
+    return f"Loaded model: {name} — {label}: {what}"
+
+
 def init_text_hints(init_text: str, num_vectors: int = 0, init_mode: str = "pool",
                     encoders: Mapping[str, int] | None = None) -> list[Hint]:
     """Token count and suggested vectors of an init text, and how its tokens map onto the vectors; with the
     model's `encoders` (key -> width) known and more than one, a note on what a vector is per encoder."""
-    hints = _init_text_hints(init_text, num_vectors, init_mode)
+    hints = _init_text_hints(init_text, num_vectors, init_mode, encoders)
     note = encoder_note(encoders)
     return [*hints, note] if note else hints
 
 
-def _init_text_hints(init_text: str, num_vectors: int, init_mode: str) -> list[Hint]:
+def token_count(n: int, encoders: Mapping[str, int] | None = None) -> str:
+    """'N tokens', or with several encoders the count per encoder ('clip_l: N tokens · clip_g: N tokens'): they
+    share one BPE, so the counts are equal, but SDXL users look for both."""
+    if not encoders or len(encoders) < 2:
+        return _plural(n, "token")
+    return " · ".join(f"{key}: {_plural(n, 'token')}" for key in encoders)
+
+
+def _init_text_hints(init_text: str, num_vectors: int, init_mode: str,
+                     encoders: Mapping[str, int] | None = None) -> list[Hint]:
     vectors = vectors_for(init_text, num_vectors)
     if not init_text or not init_text.strip():
         if num_vectors:
@@ -154,7 +184,7 @@ def _init_text_hints(init_text: str, num_vectors: int, init_mode: str) -> list[H
         return [Hint(INFO, "Empty: the vectors start at zero (1 vector unless you set more).")]
     ids = tokens.token_ids(init_text)
     n = len(ids)
-    out = [Hint(INFO, f"{_plural(n, 'token')} → suggested vectors {tokens.suggest_vectors(init_text)}")]
+    out = [Hint(INFO, f"{token_count(n, encoders)} → suggested vectors {tokens.suggest_vectors(init_text)}")]
     if init_mode == "zeros":
         out.append(Hint(INFO, f"Init mode 'zeros': the text is ignored, {_start(vectors)} at zero."))
     elif n > vectors:

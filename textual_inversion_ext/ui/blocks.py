@@ -28,9 +28,20 @@ POLL_SECONDS = 1.5
 CREATE_PREFIX, TRAIN_PREFIX, PREPROCESS_PREFIX = "tiext_create_", "tiext_train_", "tiext_preprocess_"
 
 
+def _model_row(prefix: str) -> tuple[Any, Any]:
+    """The loaded model's line (family, vector widths, file type) and a button that reads it again."""
+    with gr.Row(elem_id=f"{prefix}model_row"):
+        with gr.Column(scale=4):
+            line = gr.HTML(elem_id=f"{prefix}model_info")
+        refresh = gr.Button("Refresh", size="sm", scale=1, min_width=80, elem_id=f"{prefix}model_refresh",
+                            elem_classes=["tiext-tool"])
+    return line, refresh
+
+
 def _create_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         with gr.Column():
+            model_info, model_refresh = _model_row(CREATE_PREFIX)
             controls = build_controls(specs)
             name_note = gr.HTML(elem_id="tiext_create_name_info")
             init_note = gr.HTML(elem_id="tiext_create_init_text_info")
@@ -38,7 +49,7 @@ def _create_tab(specs: Sequence[ControlSpec]) -> SimpleNamespace:
         with gr.Column():
             message = gr.Textbox(label="Result", interactive=False, lines=3, elem_id="tiext_create_message")
     return SimpleNamespace(controls=controls, name_note=name_note, init_note=init_note, button=button,
-                           message=message)
+                           message=message, model_info=model_info, model_refresh=model_refresh)
 
 
 def _train_tab(specs: Sequence[ControlSpec], host: bool = False) -> SimpleNamespace:
@@ -50,6 +61,8 @@ def _train_tab(specs: Sequence[ControlSpec], host: bool = False) -> SimpleNamesp
                                            info="The embedding to train (its step counts toward Max steps).")
                 ui.refresh = gr.Button("Refresh", size="sm", scale=1, min_width=80, elem_id="tiext_train_refresh",
                                        elem_classes=["tiext-tool"])
+            # what family the run trains, read again on Refresh, on a new choice and when the tab is shown
+            ui.model_info = gr.HTML(elem_id="tiext_train_model_info")
             ui.data_dir = gr.Textbox(label="Dataset directory", elem_id="tiext_train_data_dir",
                                      info="Folder of images, with optional <image>.txt captions.")
             with gr.Row():
@@ -133,12 +146,13 @@ def build(service: Any, host: bool | None = None) -> gr.Blocks:
 
     with gr.Blocks(analytics_enabled=False, title="Textual Inversion") as blocks:
         with gr.Tabs(elem_id="tiext_tabs"):
-            with gr.Tab("Create embedding", id="tiext_create", elem_id="tiext_create_tab"):
+            with gr.Tab("Create embedding", id="tiext_create", elem_id="tiext_create_tab") as create_tab:
                 create = _create_tab(create_specs)
             with gr.Tab("Preprocess images", id="tiext_preprocess", elem_id="tiext_preprocess_tab"):
                 preprocess = preprocess_tab(prep_specs)
-            with gr.Tab("Train", id="tiext_train", elem_id="tiext_train_tab"):
+            with gr.Tab("Train", id="tiext_train", elem_id="tiext_train_tab") as train_tab:
                 train = _train_tab(train_specs, host)
+        create.tab, train.tab = create_tab, train_tab
         _wire(blocks, service, create, create_specs, train, train_specs, preprocess, host)
         _wire_results(service, train, train_specs)
         wire_preprocess(service, preprocess, prep_specs, train)
@@ -154,18 +168,30 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
     note_inputs = [name_box, init_box, create.controls["num_vectors"], create.controls["init_mode"]]
     size_boxes = [preprocess.controls["width"], preprocess.controls["height"]]
 
+    def init_html(model: handlers.LoadedModel, *values: Any) -> str:
+        return handlers.hints_html(handlers.init_note(*values, encoders=model.encoders))
+
     def on_load(*create_values: Any) -> tuple[Any, ...]:
         # Per page load, not at build: listing reads every embedding file (keep host start-up light);
-        # the preprocess size follows the model loaded now.
+        # the preprocess size and the model lines follow the model loaded now.
+        model = handlers.loaded_model(service)
         size = prep.preprocess_defaults(service, [s for s in preprocess.specs if s.name in ("width", "height")])
-        return (compat.update(choices=handlers.embedding_names(service)),
-                handlers.hints_html(handlers.init_note(*create_values)), *size,
+        return (compat.update(choices=handlers.embedding_names(service)), init_html(model, *create_values), *size,
                 compat.update(choices=handlers.preset_names(service)),
-                compat.update(choices=handlers.sampler_choices(service, host)))
+                compat.update(choices=handlers.sampler_choices(service, host)), model.html(), model.html())
 
-    def on_name(name: str, *rest: Any) -> tuple[str, str]:  # the init note too: the budget counts the name
-        return (handlers.hints_html(handlers.name_note(service, name)),
-                handlers.hints_html(handlers.init_note(name, *rest)))
+    # Each note event reads the model again: the host may have switched checkpoints (SD1 <-> SDXL) since.
+    def on_name(name: str, *rest: Any) -> tuple[str, str, str]:  # the init note too: the budget counts the name
+        model = handlers.loaded_model(service)
+        return (handlers.hints_html(handlers.name_note(service, name, model)), init_html(model, name, *rest),
+                model.html())
+
+    def on_init(*values: Any) -> tuple[str, str]:
+        model = handlers.loaded_model(service)
+        return init_html(model, *values), model.html()
+
+    def on_model() -> str:
+        return handlers.loaded_model(service).html()
 
     def on_create(*values: Any) -> tuple[Any, ...]:
         outcome, names = handlers.create(service, create_specs, values)
@@ -173,8 +199,8 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
             return outcome.message, compat.update(choices=names, value=str(values[0]).strip())
         return outcome.message, compat.update(choices=names)
 
-    def on_refresh() -> Any:
-        return compat.update(choices=handlers.embedding_names(service))
+    def on_refresh() -> tuple[Any, str]:
+        return compat.update(choices=handlers.embedding_names(service)), on_model()
 
     def on_train(name: str | None, folder: str | None, *values: Any) -> str:
         *values, subject = values  # the subject box is the last input (for the dataset check)
@@ -192,17 +218,25 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
             return failed, compat.no_change(), compat.no_change(), cache, failed, *(compat.no_change(),) * 6
         return poll_outputs(view)
 
+    quiet = {"queue": False, "show_progress": "hidden", **compat.internal()}
     blocks.load(on_load, inputs=note_inputs, outputs=[train.embedding, create.init_note, *size_boxes, train.preset,
-                                                      train.controls["preview_sampler"]],
+                                                      train.controls["preview_sampler"], create.model_info,
+                                                      train.model_info],
                 queue=False, **compat.internal())
-    name_box.change(on_name, inputs=note_inputs, outputs=[create.name_note, create.init_note], queue=False,
-                    show_progress="hidden", **compat.internal())
+    name_outputs = [create.name_note, create.init_note, create.model_info]
+    name_box.change(on_name, inputs=note_inputs, outputs=name_outputs, **quiet)
     for box in note_inputs[1:]:
-        box.change(lambda *values: handlers.hints_html(handlers.init_note(*values)), inputs=note_inputs,
-                   outputs=[create.init_note], queue=False, show_progress="hidden", **compat.internal())
+        box.change(on_init, inputs=note_inputs, outputs=[create.init_note, create.model_info], **quiet)
+    # Refresh and showing the tab redo every note: the counts per encoder and the collision's file type follow
+    # the model too.
+    create.model_refresh.click(on_name, inputs=note_inputs, outputs=name_outputs, **quiet)
+    create.tab.select(on_name, inputs=note_inputs, outputs=name_outputs, **quiet)
+    train.tab.select(on_model, inputs=[], outputs=[train.model_info], **quiet)
+    train.embedding.change(on_model, inputs=[], outputs=[train.model_info], **quiet)
     create.button.click(on_create, inputs=[create.controls[s.name] for s in create_specs],
                         outputs=[create.message, train.embedding], api_name="tiext_create")
-    train.refresh.click(on_refresh, inputs=[], outputs=[train.embedding], queue=False, **compat.internal())
+    train.refresh.click(on_refresh, inputs=[], outputs=[train.embedding, train.model_info], queue=False,
+                        **compat.internal())
     train_inputs = [train.embedding, train.data_dir, *(train.controls[s.name] for s in train_specs), train.subject]
     train.train.click(on_train, inputs=train_inputs, outputs=[train.message], api_name="tiext_train")
     train.interrupt.click(on_interrupt, inputs=[], outputs=[train.message], queue=False, api_name="tiext_interrupt")

@@ -18,6 +18,7 @@ from ..core import create_hints, formats
 from ..core.create import CreateParams
 from ..core.create_hints import Hint
 from ..core.data.templates import load_template
+from ..core.errors import TIError
 from ..core.training.train_params import TrainParams
 from .controls import ControlSpec, params_from_values, values_of_record
 from .outcome import Outcome, run_guarded
@@ -54,9 +55,39 @@ def hints_html(hints: Iterable[Hint]) -> str:
     return "".join(parts)
 
 
-def init_text_info(text: str) -> str:
-    """Live count under the init text: 'N tokens → suggested vectors N' (and how tokens map to vectors)."""
-    return "; ".join(h.text for h in _guarded("init text", create_hints.init_text_hints, text or "", 0))
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model behind `service.backend()` now, as the Create and Train tabs show it."""
+
+    line: str  # "Loaded model: … — SDXL: each vector is …", or why no model can be used
+    ok: bool = False
+    encoders: dict[str, int] | None = None  # key -> width; None when unknown
+    suffix: str | None = None  # the file type Create saves
+
+    def html(self) -> str:
+        warn = "" if self.ok else " tiext-warn"
+        return f"<div class='tiext-note tiext-model{warn}'>{html.escape(self.line)}</div>"
+
+
+def loaded_model(service: Any) -> LoadedModel:
+    """Asked anew on each call: the host may switch checkpoints (SD1 <-> SDXL) between any two events. No usable
+    model: its error as the line (the hints then count as for one encoder), never a traceback."""
+    try:
+        model = service.model_summary()
+        line = create_hints.model_line(model["family"], model["name"], model["encoders"], model["suffix"])
+    except TIError as exc:
+        return LoadedModel(str(exc))
+    except Exception as exc:
+        logger.warning("Cannot read the loaded model: %s", exc, exc_info=True)
+        return LoadedModel(f"Cannot read the loaded model: {exc}")
+    return LoadedModel(line, True, dict(model["encoders"]), model["suffix"])
+
+
+def init_text_info(text: str, encoders: dict[str, int] | None = None) -> str:
+    """Live count under the init text: 'N tokens → suggested vectors N' (and how tokens map to vectors); with
+    several `encoders` (the loaded model's, see `loaded_model`) the count per encoder."""
+    return "; ".join(h.text for h in _guarded("init text", create_hints.init_text_hints, text or "", 0, "pool",
+                                              encoders))
 
 
 def name_info(name: str) -> str:
@@ -74,20 +105,23 @@ def existing_embeddings(service: Any) -> tuple[list[str], list[str] | None]:
     return [e["name"] for e in entries], [e["file"] for e in entries]
 
 
-def name_note(service: Any, name: str) -> list[Hint]:
-    """The Create tab's name hints, with the existing embeddings (for the collision warning)."""
+def name_note(service: Any, name: str, model: LoadedModel | None = None) -> list[Hint]:
+    """The Create tab's name hints, with the existing embeddings (for the collision warning, which names the file
+    of the loaded model's type; `model`: as `loaded_model` gives it, None = ask the service)."""
     if not name or not str(name).strip():
         return []
     names, files = existing_embeddings(service)
-    return _guarded("name", create_hints.name_hints, str(name), names, files)
+    suffix = (model or loaded_model(service)).suffix
+    return _guarded("name", create_hints.name_hints, str(name), names, files, suffix)
 
 
 def init_note(name: str, init_text: str, num_vectors: Any = 0, init_mode: str = "pool",
-              template: str | None = None) -> list[Hint]:
-    """The Create tab's init-text hints, plus a warning when the training template (default: TrainParams'
-    default) with this many vectors exceeds the 75-token prompt budget (0 vectors = one per token)."""
+              template: str | None = None, encoders: dict[str, int] | None = None) -> list[Hint]:
+    """The Create tab's init-text hints (counted per encoder of `encoders`, the loaded model's), plus a warning
+    when the training template (default: TrainParams' default) with this many vectors exceeds the 75-token
+    prompt budget (0 vectors = one per token)."""
     text, vectors = init_text or "", max(0, _whole(num_vectors))
-    out = _guarded("init text", create_hints.init_text_hints, text, vectors, init_mode or "pool")
+    out = _guarded("init text", create_hints.init_text_hints, text, vectors, init_mode or "pool", encoders)
 
     def budget() -> list[Hint]:
         lines = load_template(template or TrainParams().template)

@@ -1,10 +1,11 @@
-"""`Backend` on `shared.sd_model` as the A1111 host loaded it (SD1/SD2; no second copy).
+"""`Backend` on `shared.sd_model` as the A1111 host loaded it (SD1/SD2/SDXL; no second copy).
 
-Text goes through the host's own hijacked CLIP (`cond_stage_model(prompts)`): the trainable
-vectors are registered as a host `Embedding` whose `.vec` the hijack splices in with `torch.cat`,
-so prompt parsing, emphasis, clip-skip and padding are exactly what inference uses, and gradients
-reach the vectors. The UNet is the model's own `apply_model`; noising, the eps/v target and the loss are
-core's (`core.training.loss`), from the model's float32 ᾱ table, as for the standalone backend.
+Text goes through the host's own hijacked text encoder(s) (`text.py`): the trainable vectors are
+registered as a host `Embedding` whose `.vec` (SDXL: a dict with clip_l and clip_g, as a loaded SDXL
+embedding) the hijack splices in with `torch.cat`, so prompt parsing, emphasis, clip-skip and padding are
+exactly what inference uses, and gradients reach the vectors. The UNet is the model's own `apply_model`;
+noising, the eps/v target and the loss are core's (`core.training.loss`), from the model's float32 ᾱ
+table, as for the standalone backend.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ import torch
 from PIL import Image
 
 from ...core.backend import LatentDist, ModelInfo, SampleGeometry, TrainingOptions, frozen, visiting
-from ...core.embedding import SINGLE, check_vectors
+from ...core.embedding import check_vectors
 from ...core.errors import Interrupted, ModelError
 from ...core.training.loss import add_noise, per_sample_loss, prediction_target
+from .text import SDXLText, SingleEncoderText
 
 logger = logging.getLogger(__name__)
 
 
 def check_supported(sd_model: Any, cmd_opts: Any) -> str:
-    """The model family ("sd1" | "sd2"), or a ModelError saying why this model/launch cannot train."""
+    """The model family ("sd1" | "sd2" | "sdxl"), or a ModelError saying why this model/launch cannot train
+    (an SDXL refiner is refused when its text encoders are looked up: `text.SDXLText`)."""
     if getattr(cmd_opts, "lowvram", False):
         raise ModelError("Training is not possible with --lowvram (the host refuses it too: the UNet is "
                          "streamed block by block, which backpropagation cannot follow). Restart without "
@@ -37,8 +40,11 @@ def check_supported(sd_model: Any, cmd_opts: Any) -> str:
     if hasattr(sd_model, "forge_objects"):
         raise ModelError("This is a Forge model; the A1111 backend cannot train on it.")
     if getattr(sd_model, "is_sdxl", False):
-        raise ModelError("SDXL models cannot be trained in the web UI yet (planned); load an SD1.x or "
-                         "SD2.x checkpoint. SDXL embeddings made elsewhere still load.")
+        unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+        if getattr(unet, "in_channels", 4) != 4:  # the host sets conditioning_key "crossattn" on every SDXL
+            raise ModelError("SDXL inpainting models are not supported for training; load an SDXL base-family "
+                             "checkpoint (the embedding works with the inpainting model afterwards).")
+        return "sdxl"
     key = getattr(getattr(sd_model, "model", None), "conditioning_key", "crossattn")
     if key in ("hybrid", "concat"):
         raise ModelError("Inpainting and instruct-pix2pix models are not supported for training; load the "
@@ -47,19 +53,8 @@ def check_supported(sd_model: Any, cmd_opts: Any) -> str:
         return "sd2"
     if getattr(sd_model, "is_sd1", False):
         return "sd1"
-    raise ModelError(f"Unsupported model type {type(sd_model).__name__}: only SD1.x and SD2.x can be trained.")
-
-
-def token_table(cond_stage_model: Any) -> torch.nn.Embedding:
-    """The CLIP token-embedding table, under the hijack's `EmbeddingsWithFixes` wrapper if present."""
-    wrapped = getattr(cond_stage_model, "wrapped", cond_stage_model)
-    if hasattr(wrapped, "transformer"):  # SD1: HF CLIPTextModel
-        table = wrapped.transformer.text_model.embeddings.token_embedding
-    elif hasattr(wrapped, "model") and hasattr(wrapped.model, "token_embedding"):  # SD2: OpenCLIP
-        table = wrapped.model.token_embedding
-    else:
-        raise ModelError(f"Cannot find the token-embedding table of {type(wrapped).__name__}.")
-    return getattr(table, "wrapped", table)
+    raise ModelError(f"Unsupported model type {type(sd_model).__name__}: only SD1.x, SD2.x and SDXL can be "
+                     "trained.")
 
 
 @contextlib.contextmanager
@@ -83,6 +78,55 @@ def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
             setattr(module, attr, value)
 
 
+def latent_distribution(model: Any, pixels: torch.Tensor, device: torch.device) -> Any:
+    """The VAE's posterior (`.mean`, `.std`, unscaled) of `pixels`. ldm's `encode_first_stage` returns it (with
+    --medvram the host's hook on the VAE's `encode` brings the VAE over); sgm's (SDXL) samples and scales it,
+    so the posterior comes from sgm's `AutoencoderKL.encode`, the method its inference wrapper samples."""
+    if not getattr(model, "is_sdxl", False):
+        return model.encode_first_stage(pixels)
+    from sgm.models.autoencoder import AutoencoderKL
+
+    vae = model.first_stage_model
+    if not isinstance(vae, AutoencoderKL):
+        raise ModelError(f"Unexpected SDXL VAE type {type(vae).__name__}: cannot encode the training images.")
+    home = next(vae.parameters()).device
+    with visiting(vae, device if home != device else None):  # --medvram-sdxl keeps it in RAM between uses
+        return AutoencoderKL.encode(vae, pixels)
+
+
+def _torch_checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Any, flag: bool) -> Any:
+    """sgm's `checkpoint(func, inputs, params, flag)` on torch's non-reentrant checkpoint, which needs no
+    gradient for the (frozen) block weights, unlike sgm's own CheckpointFunction."""
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+SGM_BLOCK_MODULES = ("sgm.modules.attention", "sgm.modules.diffusionmodules.openaimodel")
+
+
+@contextlib.contextmanager
+def sgm_checkpointing(unet: torch.nn.Module) -> Iterator[None]:
+    """Gradient checkpointing for SDXL's (sgm) UNet blocks; the host's `sd_hijack_checkpoint` covers ldm only."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in SGM_BLOCK_MODULES]
+    saved_fns = [(module, module.checkpoint) for module in modules]
+    saved_flags = [(block, attr, value) for block in unet.modules() for attr in ("use_checkpoint", "checkpoint")
+                   if isinstance(value := block.__dict__.get(attr), bool)]
+    try:
+        for module in modules:
+            module.checkpoint = _torch_checkpoint
+        for block, attr, _ in saved_flags:
+            setattr(block, attr, True)
+        yield
+    finally:
+        for module, fn in saved_fns:
+            module.checkpoint = fn
+        for block, attr, value in saved_flags:
+            setattr(block, attr, value)
+
+
 class A1111Backend:
     """The host's loaded model. Build it under the host's model (its checks run in __init__)."""
 
@@ -93,19 +137,20 @@ class A1111Backend:
         family = check_supported(model, shared.cmd_opts)
         self.model = model
         self.device = torch.device(devices.device)
-        table = token_table(model.cond_stage_model)
-        # What the host really loaded (fp16 unless --no-half; it halves the UNet and text encoder together).
-        # The token table, not the UNet: with the host's fp8 option the UNet's layers are stored in fp8 while
-        # computing in fp16; the table is never fp8.
-        self.weight_dtype = table.weight.dtype
         prediction = {"eps": "epsilon", "v": "v_prediction"}.get(getattr(model, "parameterization", "eps"))
         if prediction is None:
             raise ModelError(f"Unsupported parameterization {model.parameterization!r} (eps or v only).")
+        resolution = {"sdxl": 1024, "sd2": 768 if prediction == "v_prediction" else 512}.get(family, 512)
+        self.text = SDXLText(model, resolution) if family == "sdxl" else SingleEncoderText(model)
+        # What the host really loaded (fp16 unless --no-half; it halves the UNet and text encoder together).
+        # A token table, not the UNet: with the host's fp8 option the UNet's layers are stored in fp8 while
+        # computing in fp16; the table is never fp8.
+        self.weight_dtype = next(iter(self.text.tables().values())).weight.dtype
         info = getattr(model, "sd_checkpoint_info", None)
         self.info = ModelInfo(
             family=family,
-            encoders={SINGLE: int(table.weight.shape[1])},
-            resolution=768 if family == "sd2" and prediction == "v_prediction" else 512,
+            encoders=dict(self.text.encoders),
+            resolution=resolution,
             name=str(getattr(info, "model_name", None) or "unknown model"),
             short_hash=getattr(info, "shorthash", None),
             prediction=prediction,
@@ -119,17 +164,20 @@ class A1111Backend:
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.model.num_timesteps)
+        # ldm keeps num_timesteps; sgm (SDXL) only the ᾱ table the host attaches (`extend_sdxl`).
+        return int(getattr(self.model, "num_timesteps", 0) or len(self.model.alphas_cumprod))
 
     def token_rows(self, token_ids: Sequence[int]) -> dict[str, torch.Tensor]:
-        table = token_table(self.model.cond_stage_model)
-        index = torch.tensor(list(token_ids), dtype=torch.long, device=table.weight.device)
-        return {SINGLE: table.weight.detach()[index].to(self.device, torch.float32).clone()}
+        rows = {}
+        for key, table in self.text.tables().items():
+            index = torch.tensor(list(token_ids), dtype=torch.long, device=table.weight.device)
+            rows[key] = table.weight.detach()[index].to(self.device, torch.float32).clone()
+        return rows
 
-    def _check_vectors(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return check_vectors(vectors, self.info.encoders)[SINGLE]
+    def _host_vec(self, vectors: dict[str, torch.Tensor]) -> Any:
+        return self.text.host_vec(check_vectors(vectors, self.info.encoders))
 
-    def _register(self, trigger: str, vec: torch.Tensor) -> None:
+    def _register(self, trigger: str, vec: Any) -> None:
         """Make the host's embedding DB splice `vec` for `trigger` (re-registered if a reload replaced it)."""
         from modules import sd_hijack
         from modules.textual_inversion.textual_inversion import Embedding
@@ -141,8 +189,9 @@ class A1111Backend:
                 self._replaced = (trigger, db.word_embeddings.get(trigger))
             emb = self._host_embedding = Embedding(vec, trigger)
         emb.vec = vec
-        emb.vectors = int(vec.shape[0])  # the hijack reserves this many token slots
-        emb.shape = int(vec.shape[1])
+        parts = list(vec.values()) if isinstance(vec, dict) else [vec]
+        emb.vectors = int(parts[0].shape[0])  # the hijack reserves this many token slots
+        emb.shape = sum(int(p.shape[1]) for p in parts)  # as the host's loader: 2048 for SDXL
         if db.word_embeddings.get(trigger) is not emb:
             db.register_embedding_by_name(emb, self.model, trigger)
 
@@ -160,10 +209,10 @@ class A1111Backend:
         self._host_embedding = None
 
     def encode_text(self, prompts: Sequence[str], trigger: str, vectors: dict[str, torch.Tensor],
-                    geometry: Sequence[SampleGeometry] | None = None) -> Any:  # SD1/SD2: no size conditioning
+                    geometry: Sequence[SampleGeometry] | None = None) -> Any:
         if vectors:
-            self._register(trigger, self._check_vectors(vectors))
-        return self.model.cond_stage_model(list(prompts))
+            self._register(trigger, self._host_vec(vectors))
+        return self.text.encode(prompts, geometry)
 
     # --------------------------------------------------------------- images
 
@@ -171,8 +220,15 @@ class A1111Backend:
         vae = self.model.first_stage_model
         dtype = next(vae.parameters()).dtype
         with torch.no_grad():
-            # medvram: the host's hook on encode_first_stage moves the VAE onto the GPU.
-            dist = self.model.encode_first_stage(pixels.to(self.device, dtype))
+            dist = latent_distribution(self.model, pixels.to(self.device, dtype), self.device)
+            if dtype == torch.float16 and not bool(torch.isfinite(dist.mean).all()):
+                # SDXL's VAE overflows in fp16 (the host's "revert VAE to 32-bit" does the same for images).
+                logger.warning("The VAE gave NaN/inf latents in fp16: encoding these images in fp32.")
+                vae.to(torch.float32)
+                try:
+                    dist = latent_distribution(self.model, pixels.to(self.device, torch.float32), self.device)
+                finally:
+                    vae.to(dtype)
         scale = float(self.model.scale_factor)
         return LatentDist(mean=(dist.mean.float() * scale).to(self.device),
                           std=(dist.std.float() * scale).to(self.device))
@@ -207,7 +263,7 @@ class A1111Backend:
         p.cached_uc = [None, None]
         try:
             if vectors:
-                self._register(trigger, self._check_vectors(vectors))
+                self._register(trigger, self._host_vec(vectors))
             with visiting(self.model.first_stage_model, self._vae_home), contextlib.closing(p), \
                     _host_interrupt(should_stop) as stopped:
                 processed = processing.process_images(p)
@@ -239,7 +295,9 @@ class A1111Backend:
             stack.callback(setattr, self, "_in_session", False)
             stack.enter_context(frozen(m.model, m.cond_stage_model, m.first_stage_model))
             stack.enter_context(ldm_checkpointing_off(m.model))
-            if options.gradient_checkpointing and not sd_hijack_checkpoint.stored:
+            if options.gradient_checkpointing and self.info.family == "sdxl":
+                stack.enter_context(sgm_checkpointing(m.model))
+            elif options.gradient_checkpointing and not sd_hijack_checkpoint.stored:
                 sd_hijack_checkpoint.add()
                 stack.callback(sd_hijack_checkpoint.remove)
             if not options.attention_optimizations:

@@ -28,6 +28,12 @@ def _faulty_backend_class() -> Any:
     return module.FaultyBackend
 
 
+def _sgm_checkpointing() -> bool:
+    import sgm.modules.attention
+
+    return sgm.modules.attention.checkpoint.__name__ == "_torch_checkpoint"
+
+
 def model_state() -> dict[str, Any]:
     from modules import sd_hijack, sd_hijack_checkpoint, shared
 
@@ -42,6 +48,8 @@ def model_state() -> dict[str, Any]:
         "vae_trainable_tensors": trainable(m.first_stage_model),
         "vae_device": str(next(m.first_stage_model.parameters()).device),
         "gradient_checkpointing": bool(sd_hijack_checkpoint.stored),
+        # SDXL: the extension's own checkpointing of sgm's blocks (the host's covers ldm only)
+        "sgm_checkpointing": _sgm_checkpointing(),
         # The extension registers its trainable vectors as an Embedding made in memory (no file).
         "embedding_registered": any(e.filename is None for e in db.word_embeddings.values()),
     }
