@@ -258,6 +258,7 @@ def ours_step(backend: Any, vectors: dict[str, torch.Tensor], prompt: str, trigg
     """One step of our trainer's compute on any device, the meta one included: the backend's splice tables,
     `_unet_kwargs` and `training_loss` (`encode_text` itself asks a tensor for a bool, which meta cannot)."""
     from textual_inversion_ext.backends.standalone import splice
+    from textual_inversion_ext.backends.standalone.memory import lean_geglu
     from textual_inversion_ext.backends.standalone.sdxl import SDXLConditioning
 
     outs = []
@@ -269,9 +270,10 @@ def ours_step(backend: Any, vectors: dict[str, torch.Tensor], prompt: str, trigg
     cond = SDXLConditioning(context, outs[1].text_embeds, backend._time_ids(1, None))
     noise = torch.randn_like(latents)
     timesteps = torch.zeros(1, dtype=torch.long, device=gen_device)
-    loss = backend.training_loss(latents, cond, noise, timesteps).mean()
-    if backward:
-        loss.backward()
+    with lean_geglu(backend.unet):  # as our training session runs the UNet
+        loss = backend.training_loss(latents, cond, noise, timesteps).mean()
+        if backward:
+            loss.backward()
     return loss
 
 

@@ -101,7 +101,8 @@ def test_sdxl_text_feeds_per_sample_sizes_and_lets_gradient_through(host):
 def test_sgm_checkpointing_uses_torch_checkpoint_on_frozen_blocks_and_restores(monkeypatch):
     """sgm's own CheckpointFunction asks for the gradient of every block weight (frozen while training an
     embedding); ours routes its `checkpoint(func, inputs, params, flag)` calls to torch's non-reentrant one."""
-    from textual_inversion_ext.backends.a1111.backend import SGM_BLOCK_MODULES, sgm_checkpointing
+    from textual_inversion_ext.backends.a1111.backend import SGM_BLOCK_MODULES
+    from textual_inversion_ext.backends.checkpointing import block_checkpointing
 
     calls = []
 
@@ -128,7 +129,7 @@ def test_sgm_checkpointing_uses_torch_checkpoint_on_frozen_blocks_and_restores(m
     unet = torch.nn.Sequential(Block(), Block())
     x = torch.randn(2, 4, requires_grad=True)
     plain = torch.autograd.grad(unet(x).sum(), x)[0]
-    with sgm_checkpointing(unet):
+    with block_checkpointing(unet, SGM_BLOCK_MODULES):
         assert all(b.use_checkpoint for b in unet)
         assert block_module.checkpoint is not sgm_checkpoint
         out = unet(x)

@@ -51,7 +51,9 @@ def test_benchmark_worker_runs_ours_on_sdxl() -> None:
                               loop="ours")
     result = train_speed.worker(args)  # the real trainer with both encoders' vectors
     assert result["loop"] == "ours" and result["size"] == 64
-    assert result["s_per_step"] > 0 and result["peak_rss_mb"] >= result["rss_before_training_mb"] > 0
+    # The peak starts at the RSS before training (the trainer may then free memory: the VAE); the kernel's RSS
+    # counters lag by a few pages.
+    assert result["s_per_step"] > 0 and result["peak_rss_mb"] >= result["rss_before_training_mb"] - 1 > 0
 
 
 @pytest.mark.parametrize("loop", ["a1111-style", "diffusers-example-style"])

@@ -46,6 +46,9 @@ class Service:
     train_defaults: Callable[[], dict[str, Any]] = dict
     # Last adjustments before a run starts (A1111: the log folder setting, read again).
     before_training: Callable[[TrainParams], TrainParams] = lambda params: params
+    # A host that loads its selected checkpoint lazily (Forge: at the first generation) loads it here, before
+    # a model is needed; the argument says whether the caller holds the host's GPU lock (inside a job).
+    prepare_model: Callable[[bool], None] = lambda locked: None
     # The upscaler for small images when preprocessing asks for one (A1111: its img2img upscaler);
     # called per run, since the host's setting may change. None = Lanczos.
     upscaler: Callable[[], Upscaler | None] = lambda: None
@@ -106,6 +109,7 @@ class Service:
     def create(self, params: CreateParams) -> Created:
         if self.jobs.is_training(validate_name(params.name)):
             raise TIError(f"'{params.name}' is being trained; interrupt the training before replacing it.")
+        self.prepare_model(False)
         created = create_embedding(self.backend(), params, self.embeddings_dir)
         self.on_embeddings_changed()
         return created
@@ -186,6 +190,7 @@ class Service:
                 elif kind == "snapshot":
                     job.snapshots.append(str(path))
 
+            self.prepare_model(True)
             outcome = run_training(self.backend(), request, progress=on_progress, stop=job.stop,
                                    status=lambda text: setattr(job, "message", text), on_artifact=on_artifact,
                                    on_grid=lambda cost: setattr(job, "stage", "grid"))
@@ -239,6 +244,7 @@ class Service:
 
         def work(job: Job) -> dict[str, Any]:
             try:
+                self.prepare_model(True)
                 path = render_run_grid(self.backend(), folder, prompts, stop=job.stop,
                                        status=lambda text: setattr(job, "message", text))
             except Interrupted as exc:  # asked for, not a failure

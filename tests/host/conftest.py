@@ -147,8 +147,11 @@ def open_page(browser, before_load: Callable[[Any], None] | None = None) -> Iter
         page.set_default_timeout(30_000)
         if before_load is not None:
             before_load(page)
-        page.goto(WEBUI_URL + "/", wait_until="networkidle", timeout=120_000)
-        # gradio renders the tabs after the network goes idle: wait for the host's own first control.
+        # Not "networkidle": gradio 4 (Forge) keeps a heartbeat request open, so the network never idles.
+        page.goto(WEBUI_URL + "/", wait_until="load", timeout=120_000)
+        # gradio renders the app from its config after the load event: wait for the app root, then the
+        # host's own first control.
+        page.wait_for_selector("gradio-app", state="attached", timeout=120_000)
         page.wait_for_selector("#txt2img_prompt textarea", state="attached", timeout=120_000)
         yield page
     finally:

@@ -142,3 +142,11 @@ def test_sdxl_gradient_checkpointing_is_ours_and_changes_no_result(sdxl_host, fa
         losses[checkpointing] = [loss for _, loss in job["losses"]]
     assert seen == {False: False, True: True} and not model_state(api)["sgm_checkpointing"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_sdxl_latents_match_the_hosts_encode_first_stage(sdxl_host, faults):
+    """sgm's encode_first_stage samples and scales (0.13025) in one go; ours keeps mean and std and scales them:
+    with the same random draw both give the same latent."""
+    check = sdxl_host.call("GET", "/tiext-test/latents")
+    assert check["scale_factor"] == pytest.approx(0.13025) and check["shape"] == [1, 4, 8, 8]
+    assert check["max_abs_diff"] < 1e-4 * max(1.0, check["host_std"]), check

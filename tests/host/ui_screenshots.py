@@ -26,7 +26,10 @@ def shoot(url: str, out: Path, chromium: str) -> list[Path]:
                                     args=["--headless", "--no-sandbox", "--disable-gpu",
                                           "--disable-background-networking"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url, wait_until="networkidle", timeout=120_000)
+        # Not "networkidle": gradio 4 (Forge) keeps a heartbeat request open, so the network never idles.
+        page.goto(url, wait_until="load", timeout=120_000)
+        page.wait_for_selector("gradio-app", state="attached", timeout=120_000)
+        page.locator("#tabs > .tab-nav button").first.wait_for(state="visible", timeout=120_000)
         page.locator("#tabs > .tab-nav button", has_text="Textual Inversion").click()
         tab = page.locator(f"#{TAB_ID}")
         tab.wait_for(state="visible")

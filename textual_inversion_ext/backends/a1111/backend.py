@@ -23,6 +23,7 @@ from ...core.backend import LatentDist, ModelInfo, SampleGeometry, TrainingOptio
 from ...core.embedding import check_vectors
 from ...core.errors import Interrupted, ModelError
 from ...core.training.loss import add_noise, per_sample_loss, prediction_target
+from ..checkpointing import block_checkpointing
 from .text import SDXLText, SingleEncoderText
 
 logger = logging.getLogger(__name__)
@@ -57,27 +58,6 @@ def check_supported(sd_model: Any, cmd_opts: Any) -> str:
                      "trained.")
 
 
-@contextlib.contextmanager
-def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
-    """Turn off ldm's built-in checkpointing (`use_checkpoint: True` in the stock SD configs).
-
-    ldm's CheckpointFunction asks autograd for the gradient of every block parameter, which fails
-    once the weights are frozen; the host's own TI only works because it leaves the UNet trainable.
-    Checkpointing, when wanted, comes from the host's `sd_hijack_checkpoint` (torch's checkpoint)."""
-    saved = []
-    for module in unet.modules():
-        for attr in ("use_checkpoint", "checkpoint"):
-            value = module.__dict__.get(attr)
-            if isinstance(value, bool):
-                saved.append((module, attr, value))
-                setattr(module, attr, False)
-    try:
-        yield
-    finally:
-        for module, attr, value in saved:
-            setattr(module, attr, value)
-
-
 def latent_distribution(model: Any, pixels: torch.Tensor, device: torch.device) -> Any:
     """The VAE's posterior (`.mean`, `.std`, unscaled) of `pixels`. ldm's `encode_first_stage` returns it (with
     --medvram the host's hook on the VAE's `encode` brings the VAE over); sgm's (SDXL) samples and scales it,
@@ -94,37 +74,7 @@ def latent_distribution(model: Any, pixels: torch.Tensor, device: torch.device) 
         return AutoencoderKL.encode(vae, pixels)
 
 
-def _torch_checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Any, flag: bool) -> Any:
-    """sgm's `checkpoint(func, inputs, params, flag)` on torch's non-reentrant checkpoint, which needs no
-    gradient for the (frozen) block weights, unlike sgm's own CheckpointFunction."""
-    if flag and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
-    return func(*inputs)
-
-
 SGM_BLOCK_MODULES = ("sgm.modules.attention", "sgm.modules.diffusionmodules.openaimodel")
-
-
-@contextlib.contextmanager
-def sgm_checkpointing(unet: torch.nn.Module) -> Iterator[None]:
-    """Gradient checkpointing for SDXL's (sgm) UNet blocks; the host's `sd_hijack_checkpoint` covers ldm only."""
-    import importlib
-
-    modules = [importlib.import_module(name) for name in SGM_BLOCK_MODULES]
-    saved_fns = [(module, module.checkpoint) for module in modules]
-    saved_flags = [(block, attr, value) for block in unet.modules() for attr in ("use_checkpoint", "checkpoint")
-                   if isinstance(value := block.__dict__.get(attr), bool)]
-    try:
-        for module in modules:
-            module.checkpoint = _torch_checkpoint
-        for block, attr, _ in saved_flags:
-            setattr(block, attr, True)
-        yield
-    finally:
-        for module, fn in saved_fns:
-            module.checkpoint = fn
-        for block, attr, value in saved_flags:
-            setattr(block, attr, value)
 
 
 class A1111Backend:
@@ -294,10 +244,11 @@ class A1111Backend:
             self._in_session = True
             stack.callback(setattr, self, "_in_session", False)
             stack.enter_context(frozen(m.model, m.cond_stage_model, m.first_stage_model))
-            stack.enter_context(ldm_checkpointing_off(m.model))
-            if options.gradient_checkpointing and self.info.family == "sdxl":
-                stack.enter_context(sgm_checkpointing(m.model))
-            elif options.gradient_checkpointing and not sd_hijack_checkpoint.stored:
+            # ldm's configs ask for its CheckpointFunction, which fails once the weights are frozen: off; for
+            # ldm, checkpointing comes from the host's `sd_hijack_checkpoint` (torch's), for sgm (SDXL) from ours.
+            sdxl_checkpointing = options.gradient_checkpointing and self.info.family == "sdxl"
+            stack.enter_context(block_checkpointing(m.model, SGM_BLOCK_MODULES, on=sdxl_checkpointing))
+            if options.gradient_checkpointing and not sdxl_checkpointing and not sd_hijack_checkpoint.stored:
                 sd_hijack_checkpoint.add()
                 stack.callback(sd_hijack_checkpoint.remove)
             if not options.attention_optimizations:

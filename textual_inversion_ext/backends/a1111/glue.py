@@ -31,21 +31,54 @@ def current_backend() -> Any:
     global _backend
     from modules import shared
 
-    from .backend import A1111Backend
-
     model = shared.sd_model
     if _backend is None or _backend[0] is not model:
-        _backend = (model, A1111Backend(model))
+        if is_forge():  # Forge: the same host API around its own `backend` package
+            from ..forge.backend import ForgeBackend as backend_class
+        else:
+            from .backend import A1111Backend as backend_class
+        _backend = (model, backend_class(model))
     return _backend[1]
 
 
+def is_forge() -> bool:
+    """Running inside Forge (lllyasviel/stable-diffusion-webui-forge), which keeps A1111's extension API."""
+    import importlib.util
+
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def load_selected_model(locked: bool) -> None:
+    """Forge loads the selected checkpoint only when something generates; creating and training need it too.
+    `locked`: the caller holds the host's queue lock (a job); otherwise the load happens only if the lock is
+    free (a generation that holds it loads the model itself)."""
+    if not is_forge():
+        return
+    from modules import call_queue, sd_models
+
+    if locked:
+        sd_models.forge_model_reload()  # a no-op when the selected checkpoint is the loaded one
+    elif call_queue.queue_lock.acquire(blocking=False):
+        try:
+            sd_models.forge_model_reload()
+        finally:
+            call_queue.queue_lock.release()
+
+
 def reload_embeddings() -> None:
-    """After files changed: the host's DB reloads, and its cond caches forget old vectors."""
+    """After files changed: the host's embedding database(s) reload, and its cond caches forget old vectors."""
     from modules import processing, sd_hijack
 
-    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+    if db is not None:
+        db.load_textual_inversion_embeddings(force_reload=True)
+    else:  # Forge: one database per text encoder, in the loaded model's engines
+        from ..forge.embeddings import reload_engine_embeddings
+
+        reload_engine_embeddings()
+    cls = processing.StableDiffusionProcessing
+    cls.cached_c = [None] * len(cls.cached_c)
+    cls.cached_uc = [None] * len(cls.cached_uc)
 
 
 def build_service() -> Service:
@@ -66,6 +99,7 @@ def build_service() -> Service:
         return params  # precision: core's resolve_precision, from A1111Backend.weight_dtype
 
     service.before_training = before_training
+    service.prepare_model = load_selected_model
     return service
 
 

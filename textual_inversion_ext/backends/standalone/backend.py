@@ -13,7 +13,7 @@ from transformers import CLIPTextModel
 from ...core.backend import ModelInfo, SampleGeometry
 from ...core.embedding import SINGLE
 from . import splice
-from .base import SAMPLERS, DiffusersBackend
+from .base import SAMPLERS, DiffusersBackend, VaeSource
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,11 @@ class StandaloneBackend(DiffusersBackend):
         text_encoder: CLIPTextModel,
         scheduler_config: dict[str, Any],
         info: ModelInfo,
+        vae_source: VaeSource | None = None,
     ) -> None:
         # OpenCLIP (SD2) pads with id 0; SD1's CLIP tokenizer (and A1111) pads with EOS.
         pad_id = 0 if info.family == "sd2" else splice.EOS
-        super().__init__(unet, vae, {SINGLE: (text_encoder, pad_id)}, scheduler_config, info)
+        super().__init__(unet, vae, {SINGLE: (text_encoder, pad_id)}, scheduler_config, info, vae_source)
         self.text_encoder = text_encoder
         self.pad_id = pad_id
 

@@ -34,8 +34,12 @@ from ...core.embedding import check_vectors
 from ...core.errors import Interrupted, ModelError
 from ...core.training.loss import add_noise, per_sample_loss, prediction_target
 from . import splice
+from .memory import lean_geglu, trim_memory
 
 logger = logging.getLogger(__name__)
+
+# The VAE's weights again, as a state dict (from the checkpoint file, or rebuilt from a config and seed).
+VaeSource = Callable[[], dict[str, torch.Tensor]]
 
 # Preview samplers under the names A1111's txt2img uses; the first is the default.
 SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -69,8 +73,11 @@ class DiffusersBackend:
         text_encoders: dict[str, tuple[torch.nn.Module, int]],
         scheduler_config: dict[str, Any],
         info: ModelInfo,
+        vae_source: VaeSource | None = None,
     ) -> None:
-        """`text_encoders`: encoder key (as in `info.encoders`) -> (transformers text model, pad id)."""
+        """`text_encoders`: encoder key (as in `info.encoders`) -> (transformers text model, pad id).
+        `vae_source` gives the VAE's weights again: with it, a training session on the CPU frees them while the
+        cached latents make the VAE idle and loads them back for previews and afterwards (`_release_vae`)."""
         self.unet = unet
         self.vae = vae
         # This backend owns its model and never trains a weight of it (only the vectors passed in
@@ -88,9 +95,14 @@ class DiffusersBackend:
                 f"scheduler prediction_type {self.noise_scheduler.config.prediction_type!r} "
                 f"does not match the model's {info.prediction!r}"
             )
+        # The schedule's ᾱ table where the loss needs it, once (not a host-to-device copy at every step).
+        self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.encoders = {key: TextEncoder(module, splice.install(module), pad)
                          for key, (module, pad) in text_encoders.items()}
         self._vae_home: torch.device | None = None  # set while the VAE is offloaded
+        self._vae_source = vae_source
+        self._vae_released: dict[str, tuple[torch.Size, torch.dtype]] | None = None  # while its weights are freed
+        self._vae_idle = False  # in a training session that freed the VAE: free it again after a preview
 
     @property
     def modules(self) -> tuple[torch.nn.Module, ...]:
@@ -107,7 +119,8 @@ class DiffusersBackend:
         rows = {}
         for key, enc in self.encoders.items():
             index = torch.tensor(list(token_ids), dtype=torch.long, device=enc.table.weight.device)
-            rows[key] = enc.table.weight.detach()[index].to(self.device, torch.float32).clone()
+            # Indexing copies already: no clone (a whole-vocabulary read would hold a third copy).
+            rows[key] = enc.table.weight.detach()[index].to(self.device, torch.float32)
         return rows
 
     def _checked(self, vectors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -131,6 +144,7 @@ class DiffusersBackend:
     # --------------------------------------------------------------- images
 
     def encode_images(self, pixels: torch.Tensor) -> LatentDist:
+        self._reload_vae()
         vae_device = next(self.vae.parameters()).device
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(vae_device, self.vae.dtype)).latent_dist
@@ -152,7 +166,7 @@ class DiffusersBackend:
         latents = latents.to(self.device, torch.float32)
         noise = noise.to(self.device, torch.float32)
         timesteps = timesteps.to(self.device).long()
-        abar = self.noise_scheduler.alphas_cumprod
+        abar = self._alphas_cumprod
         noisy = add_noise(latents, noise, timesteps, abar)
         pred = self.unet(noisy.to(self.dtype), timesteps, **self._unet_kwargs(cond)).sample
         target = prediction_target(latents, noise, timesteps, self.info.prediction, abar)
@@ -191,7 +205,8 @@ class DiffusersBackend:
             raise ValueError(f"preview size {width}x{height} must be positive multiples of {scale}")
         forked = [self.device] if self.device.type == "cuda" else []
         whole = [SampleGeometry.uncropped(height, width)]  # a generated image: nothing cut off
-        with torch.no_grad(), torch.random.fork_rng(devices=forked), visiting(self.vae, self._vae_home):
+        with torch.no_grad(), torch.random.fork_rng(devices=forked), self._vae_visit(), \
+                visiting(self.vae, self._vae_home):
             cond = self.encode_text([prompt], trigger, vectors, whole)
             neg = self.encode_text([negative_prompt], trigger, vectors, whole)
             # A fresh sampler each time: set_timesteps() mutates it.
@@ -216,6 +231,52 @@ class DiffusersBackend:
     def samplers(self) -> list[str]:
         return list(SAMPLERS)
 
+    # ------------------------------------------------------------ VAE memory
+
+    def _release_vae(self) -> bool:
+        """Free the VAE's weights (the module and its Parameter objects stay, emptied) when it sits in RAM and
+        `vae_source` can give them back: training reads cached latents, so in RAM the VAE is dead weight
+        (SDXL's float32 VAE: 319 MiB). On a GPU `offload_vae` moves it to RAM instead. True if released."""
+        if self._vae_released is not None:
+            return True
+        if self._vae_source is None or self._vae_home is not None or self.device.type != "cpu":
+            return False
+        params = dict(self.vae.named_parameters())
+        if any(p.device.type != "cpu" for p in params.values()):
+            return False
+        self._vae_released = {name: (p.shape, p.dtype) for name, p in params.items()}
+        for p in params.values():
+            p.data = torch.empty(0, dtype=p.dtype)
+        trim_memory()
+        logger.debug("VAE weights freed for the session (cached latents)")
+        return True
+
+    def _reload_vae(self) -> None:
+        """Put the released VAE's weights back from `vae_source` (as they were: same shapes and dtypes)."""
+        if self._vae_released is None:
+            return
+        assert self._vae_source is not None
+        state = self._vae_source()
+        for name, p in self.vae.named_parameters():
+            shape, dtype = self._vae_released[name]
+            value = state.get(name)
+            if value is None or value.shape != shape:
+                raise ModelError(f"The VAE's weights could not be loaded again: {name} is "
+                                 f"{'missing' if value is None else tuple(value.shape)}, expected {tuple(shape)}.")
+            p.data = value.to("cpu", dtype)
+        del state
+        self._vae_released = None
+
+    @contextlib.contextmanager
+    def _vae_visit(self) -> Iterator[None]:
+        """The VAE's weights for the block (a preview during a session), freed again afterwards."""
+        self._reload_vae()
+        try:
+            yield
+        finally:
+            if self._vae_idle:
+                self._release_vae()
+
     # -------------------------------------------------------------- session
 
     @contextlib.contextmanager
@@ -235,6 +296,12 @@ class DiffusersBackend:
                 if self._vae_home is not None:
                     self.vae.to(self._vae_home)
                     self._vae_home = None
+                self._vae_idle = False
+                trim_memory()  # the steps' freed activations first, so the VAE reuses that memory
+                try:
+                    self._reload_vae()
+                except (ModelError, OSError) as exc:  # the file changed or went: it stays freed until needed
+                    logger.warning("The VAE stays unloaded after training (%s); it is loaded again when needed.", exc)
 
             stack.callback(restore)
             processor = AttnProcessor2_0() if options.attention_optimizations else AttnProcessor()
@@ -244,9 +311,12 @@ class DiffusersBackend:
                 self.unet.enable_gradient_checkpointing()
             else:
                 self.unet.disable_gradient_checkpointing()
-            if options.offload_vae:  # latents are cached by now; a CPU model just stays put
+            self._vae_idle = self._release_vae()
+            if not self._vae_idle and options.offload_vae:  # latents are cached by now
                 self._vae_home = next(self.vae.parameters()).device
                 self.vae.to("cpu")
+            # The UNet's feed-forward without a kept copy of gelu(gate): the same gradients, less memory.
+            stack.enter_context(lean_geglu(self.unet))
             yield
 
 

@@ -13,7 +13,8 @@ from ...core.backend import ModelInfo
 from ...core.embedding import SDXL_KEYS, SINGLE
 from .backend import StandaloneBackend
 from .base import DiffusersBackend
-from .models import ModelConfig, build_random, build_random_text_encoder_2, cast, model_config
+from .memory import trim_memory
+from .models import ModelConfig, build_random, build_random_text_encoder_2, build_random_vae, cast, model_config
 from .sdxl import StandaloneSDXLBackend
 
 logger = logging.getLogger(__name__)
@@ -49,14 +50,18 @@ def _backend(config: ModelConfig, label: str, seed: int, device: str | torch.dev
     for module in modules:
         cast(module, dtype)
         module.to(device)
+    trim_memory()  # the float32 build, freed by the cast
     # A generated model has no file: hash what determines its weights (config + seed).
     digest = hashlib.sha256(f"{label}\n{seed}\n{config.digest()}".encode()).hexdigest()
     info = model_info(config, f"{label}-seed{seed}", digest[:10])
+    def vae_source() -> dict[str, torch.Tensor]:  # the same seed builds the same VAE
+        return build_random_vae(config, seed).state_dict()
+
     if config.text_encoder_2 is not None:
         unet, vae, text_encoder, text_encoder_2 = modules
-        return StandaloneSDXLBackend(unet, vae, text_encoder, text_encoder_2, config.scheduler, info)
+        return StandaloneSDXLBackend(unet, vae, text_encoder, text_encoder_2, config.scheduler, info, vae_source)
     unet, vae, text_encoder = modules
-    return StandaloneBackend(unet, vae, text_encoder, config.scheduler, info)
+    return StandaloneBackend(unet, vae, text_encoder, config.scheduler, info, vae_source)
 
 
 def embedded_config(variant: str = "tiny") -> ModelConfig:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -35,6 +36,9 @@ from ...core.embedding import SDXL_KEYS, SINGLE
 from ...core.errors import ModelError
 from . import loading_sdxl as xl
 from .backend import StandaloneBackend
+from .base import VaeSource
+from .loading_yaml import config_from_yaml, read_original_config
+from .memory import trim_memory
 from .models import ModelConfig, model_config
 from .sdxl import StandaloneSDXLBackend
 
@@ -89,6 +93,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict):
         raise ModelError(f"{path.name} holds a {type(data).__name__}, not a checkpoint state dict.")
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ModelError(f"{path.name} cannot be read any more ({exc}); load the model again.") from exc
+    return st.st_size, st.st_mtime_ns
+
+
+def vae_reader(path: Path, config: ModelConfig) -> VaeSource:
+    """The VAE's weights read again from the checkpoint file (only its VAE tensors where the format allows),
+    converted as at load; a ModelError once the file has changed or gone."""
+    stamp = _stamp(path)
+
+    def read() -> dict[str, torch.Tensor]:
+        if _stamp(path) != stamp:
+            raise ModelError(f"{path.name} has changed since the model was loaded; load the model again.")
+        if path.suffix.lower() == ".safetensors":
+            with safetensors.safe_open(str(path), "pt", device="cpu") as f:
+                state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(VAE)}  # noqa: SIM118 (not iterable)
+        else:
+            state = {k: v for k, v in read_state_dict(path).items() if k.startswith(VAE)}
+        return convert_ldm_vae_checkpoint(state, config.vae)
+
+    return read
 
 
 def detect_family(state: dict[str, torch.Tensor], name: str = "checkpoint") -> str:
@@ -265,7 +295,8 @@ def load_checkpoint(
     ("epsilon"/"v_prediction") overrides detection: a sibling `<name>.yaml` with `parameterization: "v"`,
     a `v_pred` key, else for SD2 A1111's test forward pass, else epsilon. `config` replaces the
     bundled architecture (a JSON file or dict shaped like `configs/sd1.json`, SDXL's with a
-    `text_encoder_2` as in `configs/sdxl.json`) for non-standard models. SDXL refiners and inpainting
+    `text_encoder_2` as in `configs/sdxl.json`) for non-standard models; without it, an ldm/sgm `<name>.yaml`
+    beside the file gives the UNet, VAE and schedule (as in A1111; see loading_yaml). SDXL refiners and inpainting
     models are refused: embeddings are trained on a base model."""
     path = Path(path)
     if not path.is_file():
@@ -280,7 +311,11 @@ def load_checkpoint(
     detected = detect_family(state, path.name)
     if family is not None and family != detected:
         raise ModelError(f"{path.name} has the key layout of {detected.upper()}, not {family.upper()}.")
-    cfg = model_config(config if config is not None else detected)
+    original = read_original_config(path.with_suffix(".yaml")) if config is None else None
+    if original is not None:  # A1111's convention: the yaml beside the file describes its architecture
+        cfg = config_from_yaml(original, model_config(detected), state, path.name)
+    else:
+        cfg = model_config(config if config is not None else detected)
     if cfg.family != detected:
         raise ModelError(f"The model config is for {cfg.family} but {path.name} is {detected}.")
     conv_in = state.get(UNET + "input_blocks.0.0.weight")
@@ -296,6 +331,7 @@ def load_checkpoint(
     del state
     for module in modules:
         module.to(device)
+    trim_memory()  # the file's tensors and their converted copies are freed by now
     unet = modules[0]
     if pred is None and detected == "sd2":
         logger.info("Testing whether %s is a v-prediction model (pass prediction=... to skip)", path.name)
@@ -318,6 +354,7 @@ def load_checkpoint(
     )
     scheduler = {**cfg.scheduler, "prediction_type": pred}
     logger.info("Loaded %s (%s, %s, %d px, hash %s)", path.name, detected, pred, resolution, info.short_hash)
+    vae_source = vae_reader(path, cfg)
     if detected == "sdxl":
-        return StandaloneSDXLBackend(*modules, scheduler, info)
-    return StandaloneBackend(*modules, scheduler, info)
+        return StandaloneSDXLBackend(*modules, scheduler, info, vae_source)
+    return StandaloneBackend(*modules, scheduler, info, vae_source)

@@ -87,6 +87,11 @@ def fix_random_init(vae: AutoencoderKL, text_encoder: torch.nn.Module, generator
     has a posterior std of ~1, which would drown its latents (std ~0.25) in sampling noise; trained
     VAEs are nearly deterministic, so give the log-variance a low constant."""
     _fix_final_norm(text_encoder, generator)
+    _fix_vae(vae)
+
+
+def _fix_vae(vae: AutoencoderKL) -> None:
+    """A nearly deterministic posterior, as trained VAEs have (see `fix_random_init`); uses no randomness."""
     with torch.no_grad():
         if vae.quant_conv is not None:
             latent = vae.config.latent_channels
@@ -117,6 +122,15 @@ def build_random(config: ModelConfig, seed: int) -> tuple[UNet2DConditionModel, 
     for module in (unet, vae, text_encoder):
         module.eval()
     return unet, vae, text_encoder
+
+
+def build_random_vae(config: ModelConfig, seed: int) -> AutoencoderKL:
+    """The VAE of `build_random(config, seed)` alone, the same weights (so it can be rebuilt after release)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL.from_config(config.vae)
+    _fix_vae(vae)
+    return vae.eval()
 
 
 def build_random_text_encoder_2(config: ModelConfig, seed: int) -> CLIPTextModelWithProjection:

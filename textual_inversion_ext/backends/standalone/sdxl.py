@@ -16,7 +16,7 @@ from ...core.backend import ModelInfo, SampleGeometry
 from ...core.embedding import SDXL_KEYS
 from ...core.errors import ModelError
 from . import splice
-from .base import DiffusersBackend
+from .base import DiffusersBackend, VaeSource
 from .models import cast
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class StandaloneSDXLBackend(DiffusersBackend):
         text_encoder_2: CLIPTextModelWithProjection,
         scheduler_config: dict[str, Any],
         info: ModelInfo,
+        vae_source: VaeSource | None = None,
     ) -> None:
         if info.family != "sdxl" or set(info.encoders) != set(SDXL_KEYS):
             raise ModelError(f"StandaloneSDXLBackend needs an SDXL model with encoders {SDXL_KEYS}, "
@@ -53,7 +54,7 @@ class StandaloneSDXLBackend(DiffusersBackend):
         cast(vae, torch.float32)
         # The first tokenizer pads with the end token, the second (and A1111 for clip_g) with id 0.
         super().__init__(unet, vae, {CLIP_L: (text_encoder, splice.EOS), CLIP_G: (text_encoder_2, 0)},
-                         scheduler_config, info)
+                         scheduler_config, info, vae_source)
         self.text_encoder = text_encoder
         self.text_encoder_2 = text_encoder_2
 

@@ -254,10 +254,13 @@ def encode_prompts(
     state, or a tuple with a pooled output); `kwargs` go to the encoder. The result is `encode_chunked`'s."""
     n = 0 if vectors is None else int(vectors.shape[0])
     device = table.weight.device
-    ids, slots = batch_chunks(list(prompts), trigger, n, pad_id, device)
+    ids, slots = batch_chunks(list(prompts), trigger, n, pad_id, torch.device("cpu"))
+    # Asked on the CPU copy: the same question of a GPU tensor would wait for the GPU at every step.
+    spliced = vectors is not None and bool((slots >= 0).any())
+    ids, slots = ids.to(device), slots.to(device)
 
     def run_one(chunk_ids: torch.Tensor, chunk_slots: torch.Tensor) -> Any:
-        if vectors is None or not bool((chunk_slots >= 0).any()):
+        if not spliced:
             return pick(encoder(chunk_ids, **kwargs))
         with table.splicing(chunk_slots, vectors):
             return pick(encoder(chunk_ids, **kwargs))

@@ -13,10 +13,15 @@ from ..backend import Backend
 from ..tokens import VOCAB_SIZE
 
 
-def vocabulary_median_norms(backend: Backend) -> dict[str, float]:
+def vocabulary_median_norms(backend: Backend, chunk: int = 4096) -> dict[str, float]:
     """Median row norm of each encoder's token-embedding table (ids without BOS/EOS/padding rows)."""
-    rows = backend.token_rows(range(VOCAB_SIZE - 2))  # the last two ids are <start>/<end>
-    return {key: float(table.float().norm(dim=1).median()) for key, table in rows.items()}
+    ids = range(VOCAB_SIZE - 2)  # the last two ids are <start>/<end>
+    norms: dict[str, list[torch.Tensor]] = {}
+    # In chunks: float32 copies of whole tables (SDXL: 386 MiB) would raise the run's peak memory.
+    for start in range(0, len(ids), chunk):
+        for key, rows in backend.token_rows(ids[start:start + chunk]).items():
+            norms.setdefault(key, []).append(rows.float().norm(dim=1))
+    return {key: float(torch.cat(parts).median()) for key, parts in norms.items()}
 
 
 def norm_ratios(vectors: dict[str, torch.Tensor], medians: dict[str, float]) -> dict[str, list[float]]:

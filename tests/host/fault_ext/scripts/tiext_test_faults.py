@@ -31,7 +31,7 @@ def _faulty_backend_class() -> Any:
 def _sgm_checkpointing() -> bool:
     import sgm.modules.attention
 
-    return sgm.modules.attention.checkpoint.__name__ == "_torch_checkpoint"
+    return sgm.modules.attention.checkpoint.__name__ == "torch_checkpoint"
 
 
 def model_state() -> dict[str, Any]:
@@ -53,6 +53,28 @@ def model_state() -> dict[str, Any]:
         # The extension registers its trainable vectors as an Embedding made in memory (no file).
         "embedding_registered": any(e.filename is None for e in db.word_embeddings.values()),
     }
+
+
+def latents_check() -> dict[str, Any]:
+    """Our backend's latent distribution against the host's own `encode_first_stage` (+ the host's
+    `get_first_stage_encoding`) on one random image, with the same random draw: what the host's pipeline
+    makes of that image is our mean + std * noise, in the same (scaled) units."""
+    import torch
+    from modules import shared
+
+    from textual_inversion_ext.backends.a1111 import glue
+
+    m = shared.sd_model
+    dtype = next(m.first_stage_model.parameters()).dtype
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = glue.current_backend().encode_images(pixels)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        host = m.get_first_stage_encoding(m.encode_first_stage(pixels.to(ours.mean.device, dtype))).float()
+    torch.manual_seed(1)
+    sample = ours.mean + ours.std * torch.randn(ours.mean.shape).to(ours.mean.device)
+    return {"max_abs_diff": float((host - sample).abs().max()), "host_std": float(host.std()),
+            "scale_factor": float(m.scale_factor), "shape": list(host.shape)}
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
@@ -80,6 +102,7 @@ def on_app_started(_demo: Any, app: Any) -> None:
 
     app.add_api_route("/tiext-test/model", model_state, methods=["GET"], response_model=None)
     app.add_api_route("/tiext-test/fail", fail, methods=["POST"], response_model=None)
+    app.add_api_route("/tiext-test/latents", latents_check, methods=["GET"], response_model=None)
     logger.warning("tiext-test-faults: test-only routes /tiext-test/model and /tiext-test/fail are served")
 
 
