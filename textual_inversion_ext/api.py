@@ -80,6 +80,7 @@ def version(service: Service, body: dict[str, Any]) -> dict[str, Any]:
 
 def create(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     params = _params(CreateParams, dict(body))
+    service.prepare_model(False)  # Forge loads the selected checkpoint lazily: the file type depends on it
     target = service.embeddings_dir / f"{params.name}{service.backend().info.embedding_suffix}"
     if target.exists() and not params.overwrite:
         raise ApiError(409, f"{target.name} already exists; choose another name or set overwrite.")

@@ -1,6 +1,6 @@
-"""Real-host tests: they run only when WEBUI_DIR points at an A1111 install (see ../shared/host-lab)
-whose API answers at WEBUI_URL (default http://127.0.0.1:7860, started with --api; WEBUI_API_AUTH=user:pass
-when it was started with --api-auth)."""
+"""Real-host tests: they run only when WEBUI_DIR points at an A1111 install (see ../shared/host-lab) or a Forge
+(tests/host/forge) whose API answers at WEBUI_URL (default http://127.0.0.1:7860, Forge 7870; started with --api;
+WEBUI_API_AUTH=user:pass when it was started with --api-auth)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ from typing import Any
 import pytest
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
-WEBUI_URL = os.environ.get("WEBUI_URL", "http://127.0.0.1:7860").rstrip("/")
+# Which host WEBUI_DIR is: Forge (lllyasviel/stable-diffusion-webui-forge, tests/host/forge) or A1111. A test module
+# says where it runs with `HOSTS = (...)`; without it, A1111 only.
+HOST_KIND = "forge" if WEBUI_DIR and (Path(WEBUI_DIR) / "modules_forge").is_dir() else "a1111"
+DEFAULT_PORT = {"a1111": 7860, "forge": 7870}[HOST_KIND]  # the two labs' ports
+WEBUI_URL = os.environ.get("WEBUI_URL", f"http://127.0.0.1:{DEFAULT_PORT}").rstrip("/")
 WEBUI_API_AUTH = os.environ.get("WEBUI_API_AUTH", "")
 # Browser tests drive the system Chromium through Playwright (never a downloaded browser).
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -36,6 +40,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/host/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(marker)
+            hosts = getattr(item.module, "HOSTS", ("a1111",))
+            if WEBUI_DIR and HOST_KIND not in hosts:
+                item.add_marker(pytest.mark.skip(reason=f"runs in {' and '.join(hosts)}; WEBUI_DIR is {HOST_KIND}"))
 
 
 class HostApi:
@@ -213,3 +220,15 @@ def sdxl_host(host_api) -> Iterator[HostApi]:
     """The host with the tiny SDXL checkpoint loaded for the module; the previous checkpoint afterwards."""
     with checkpoint_loaded(host_api, SDXL_CHECKPOINT):
         yield host_api
+
+
+def server_rss_mb(host_dir: Path) -> float | None:
+    """The web UI server's resident memory (MB), from the pid file both labs' start.sh write (`<lab>/run/webui.pid`
+    beside `<lab>/webui`); None when there is none (a host started otherwise)."""
+    pid_file = host_dir.parent / "run" / "webui.pid"
+    try:
+        status = Path(f"/proc/{int(pid_file.read_text().strip())}/status").read_text()
+    except (OSError, ValueError):
+        return None
+    rss = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
+    return int(rss[0]) / 1024 if rss else None

@@ -56,25 +56,58 @@ def check_supported(sd_model: Any) -> str:
     return family
 
 
+def _same_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor on an inference tensor's memory (created outside inference mode, so it is not one)."""
+    with torch.inference_mode(False):
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
 def normal_tensors(*modules: torch.nn.Module) -> int:
-    """Replace the modules' parameters and buffers that are inference tensors by ordinary copies; how many.
+    """Replace the modules' parameters and buffers that are inference tensors by ordinary tensors on the same
+    memory; how many.
 
     Forge loads (and moves) models under `torch.inference_mode()`, and autograd can neither save an inference
     tensor for the backward nor track its version: a frozen weight used in a differentiable op would fail the
-    step. Each tensor is replaced by name, one at a time (as Forge's own patchers set weights): no second copy
-    of the model. Not undone: an ordinary tensor serves inference just as well."""
-    count = 0
+    step. Each replacement views the same storage (no copy: a clone would keep a second model alive wherever
+    Forge still holds the loaded tensors) and sits in the same slot, as Forge's own patchers set weights. Not
+    undone: an ordinary tensor serves inference just as well."""
+    # old tensor's id -> (old, new): a tensor shared by two modules stays shared (the old one is kept referenced
+    # until the end so that its id cannot be reused meanwhile)
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in modules:
         for sub in module.modules():
-            for name, param in list(sub._parameters.items()):
-                if param is not None and param.is_inference():
-                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=param.requires_grad)
-                    count += 1
-            for name, buffer in list(sub._buffers.items()):
-                if buffer is not None and buffer.is_inference():
-                    sub._buffers[name] = buffer.clone()
-                    count += 1
-    return count
+            for slots in (sub._parameters, sub._buffers):
+                for name, tensor in list(slots.items()):
+                    if tensor is None or not (id(tensor) in replaced or tensor.is_inference()):
+                        continue
+                    if id(tensor) not in replaced:
+                        copy = _same_storage(tensor)
+                        is_param = isinstance(tensor, torch.nn.Parameter)
+                        new = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad) if is_param else copy
+                        replaced[id(tensor)] = (tensor, new)
+                    slots[name] = replaced[id(tensor)][1]
+    return len(replaced)
+
+
+@contextlib.contextmanager
+def residual_safe_norms(module: torch.nn.Module) -> Iterator[int]:
+    """Forge's transformer blocks add to their residual stream in place (`x += n`) right after a LayerNorm has
+    saved that same tensor for the backward, which autograd refuses ("modified by an inplace operation"). While
+    gradients are recorded, each LayerNorm here normalises a copy of its input instead (a few activations per
+    block; a no-op for inference). Yields how many norms are covered."""
+    def copy_input(_norm: torch.nn.Module, args: tuple) -> tuple | None:
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:])
+        return None
+
+    handles = [m.register_forward_pre_hook(copy_input) for m in module.modules()
+               if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _token_table(engine: Any) -> torch.nn.Embedding:
@@ -270,8 +303,9 @@ class ForgeBackend:
             self._in_session = True
             stack.callback(setattr, self, "_in_session", False)
             # ordinary tensors first: `frozen` restores the flags of the Parameter objects it saw
-            normal_tensors(self.unet, clip_model)
+            normal_tensors(self.unet, clip_model, vae_model)
             stack.enter_context(frozen(self.unet, clip_model, vae_model))
+            stack.enter_context(residual_safe_norms(self.unet))
             # Forge's blocks raise on checkpointing; ours (torch's) when asked, none otherwise.
             stack.enter_context(block_checkpointing(self.unet, UNET_BLOCK_MODULES, on=options.gradient_checkpointing))
             if not options.attention_optimizations:

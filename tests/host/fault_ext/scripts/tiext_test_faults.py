@@ -34,7 +34,39 @@ def _sgm_checkpointing() -> bool:
     return sgm.modules.attention.checkpoint.__name__ == "torch_checkpoint"
 
 
+def _forge_model_state() -> dict[str, Any]:
+    """The same questions of Forge's model: its parts live in `forge_objects`, its embedding databases in the
+    text-processing engines (one per encoder)."""
+    import torch
+    from modules import shared
+
+    m = shared.sd_model
+    if not hasattr(m, "forge_objects"):
+        return {"loaded": False}
+    objects = m.forge_objects
+    engines = [getattr(m, n) for n in ("text_processing_engine", "text_processing_engine_l",
+                                       "text_processing_engine_g") if hasattr(m, n)]
+    import backend.nn.unet as forge_unet
+
+    def trainable(module: torch.nn.Module) -> int:
+        return sum(1 for p in module.parameters() if p.requires_grad)
+
+    return {
+        "loaded": True,
+        "unet_trainable_tensors": trainable(objects.unet.model.diffusion_model),
+        "text_encoder_trainable_tensors": trainable(objects.clip.cond_stage_model),
+        "vae_trainable_tensors": trainable(objects.vae.first_stage_model),
+        "vae_device": str(next(objects.vae.first_stage_model.parameters()).device),
+        "gradient_checkpointing": getattr(forge_unet, "checkpoint", None).__name__ == "torch_checkpoint",
+        "embedding_registered": any(not hasattr(e, "filename") for eng in engines
+                                    for e in eng.embeddings.word_embeddings.values()),
+        "engines": len(engines),
+    }
+
+
 def model_state() -> dict[str, Any]:
+    if importlib.util.find_spec("modules_forge") is not None:
+        return _forge_model_state()
     from modules import sd_hijack, sd_hijack_checkpoint, shared
 
     def trainable(module: Any) -> int:
@@ -65,16 +97,21 @@ def latents_check() -> dict[str, Any]:
     from textual_inversion_ext.backends.a1111 import glue
 
     m = shared.sd_model
-    dtype = next(m.first_stage_model.parameters()).dtype
+    first_stage = m.forge_objects.vae.first_stage_model if hasattr(m, "forge_objects") else m.first_stage_model
+    dtype = next(first_stage.parameters()).dtype
     pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ours = glue.current_backend().encode_images(pixels)
     with torch.no_grad():
         torch.manual_seed(1)
-        host = m.get_first_stage_encoding(m.encode_first_stage(pixels.to(ours.mean.device, dtype))).float()
+        if hasattr(m, "forge_objects"):  # Forge: encode_first_stage samples and applies the VAE's process_in
+            host = m.encode_first_stage(pixels.to(ours.mean.device)).float()
+        else:
+            host = m.get_first_stage_encoding(m.encode_first_stage(pixels.to(ours.mean.device, dtype))).float()
     torch.manual_seed(1)
     sample = ours.mean + ours.std * torch.randn(ours.mean.shape).to(ours.mean.device)
-    return {"max_abs_diff": float((host - sample).abs().max()), "host_std": float(host.std()),
-            "scale_factor": float(m.scale_factor), "shape": list(host.shape)}
+    scale = getattr(m, "scale_factor", None) or first_stage.scaling_factor  # Forge: the VAE's own
+    return {"scale_factor": float(scale), "max_abs_diff": float((host - sample).abs().max()),
+            "host_std": float(host.std()), "shape": list(host.shape)}
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
