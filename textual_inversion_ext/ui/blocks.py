@@ -233,8 +233,10 @@ def _wire(blocks: Any, service: Any, create: SimpleNamespace, create_specs: Sequ
     create.tab.select(on_name, inputs=note_inputs, outputs=name_outputs, **quiet)
     train.tab.select(on_model, inputs=[], outputs=[train.model_info], **quiet)
     train.embedding.change(on_model, inputs=[], outputs=[train.model_info], **quiet)
+    # then the notes again: creating may have loaded the model (Forge loads the selected checkpoint lazily)
     create.button.click(on_create, inputs=[create.controls[s.name] for s in create_specs],
-                        outputs=[create.message, train.embedding], api_name="tiext_create")
+                        outputs=[create.message, train.embedding], api_name="tiext_create",
+                        ).then(on_name, inputs=note_inputs, outputs=name_outputs, **quiet)
     train.refresh.click(on_refresh, inputs=[], outputs=[train.embedding, train.model_info], queue=False,
                         **compat.internal())
     train_inputs = [train.embedding, train.data_dir, *(train.controls[s.name] for s in train_specs), train.subject]
