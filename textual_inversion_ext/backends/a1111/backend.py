@@ -214,17 +214,10 @@ class A1111Backend:
         try:
             if vectors:
                 self._register(trigger, self._host_vec(vectors))
-            with visiting(self.model.first_stage_model, self._vae_home), contextlib.closing(p), \
-                    _host_interrupt(should_stop) as stopped:
-                processed = processing.process_images(p)
+            return host_txt2img(p, should_stop, visiting(self.model.first_stage_model, self._vae_home))
         finally:
             if not self._in_session:  # e.g. the comparison grid after training: leave the host's DB as it was
                 self._unregister()
-        if stopped.is_set():
-            raise Interrupted("Sampling interrupted.")
-        if not processed.images:
-            raise ModelError("The host returned no preview image (interrupted?).")
-        return processed.images[0]
 
     def samplers(self) -> list[str]:
         """The host's txt2img samplers (hidden ones excluded, as in its dropdown)."""
@@ -270,6 +263,24 @@ class A1111Backend:
 
                 stack.callback(vae_back)
             yield
+
+
+def host_txt2img(p: Any, should_stop: Callable[[], bool] | None, *contexts: Any) -> Image.Image:
+    """The first image of the host's txt2img `p` (A1111's or Forge's `process_images`), run under `contexts`,
+    closed afterwards and stopped when `should_stop()` turns True (Interrupted)."""
+    from modules import processing
+
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        stack.enter_context(contextlib.closing(p))
+        stopped = stack.enter_context(_host_interrupt(should_stop))
+        processed = processing.process_images(p)
+    if stopped.is_set():
+        raise Interrupted("Sampling interrupted.")
+    if not processed.images:
+        raise ModelError("The host returned no preview image (interrupted?).")
+    return processed.images[0]
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ...core.backend import LatentDist, ModelInfo, SampleGeometry, TrainingOptions, frozen
 from ...core.embedding import SDXL_KEYS, SINGLE, check_vectors
-from ...core.errors import Interrupted, ModelError
+from ...core.errors import ModelError
 from ...core.training.loss import add_noise, per_sample_loss, prediction_target
 from ..checkpointing import block_checkpointing
 
@@ -263,7 +263,7 @@ class ForgeBackend:
                 sampler: str = "", should_stop: Callable[[], bool] | None = None) -> Image.Image:
         from modules import processing
 
-        from ..a1111.backend import _host_interrupt  # the same `shared.state` interrupt in both hosts
+        from ..a1111.backend import host_txt2img  # the same processing and `shared.state` interrupt in both hosts
 
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.model, prompt=prompt, negative_prompt=negative_prompt, seed=int(seed),
@@ -276,16 +276,10 @@ class ForgeBackend:
         try:
             if vectors:
                 self._register(trigger, {k: v.detach() for k, v in vectors.items()})
-            with contextlib.closing(p), _host_interrupt(should_stop) as stopped:
-                processed = processing.process_images(p)
+            return host_txt2img(p, should_stop)
         finally:
             if not self._in_session:
                 self._unregister()
-        if stopped.is_set():
-            raise Interrupted("Sampling interrupted.")
-        if not processed.images:
-            raise ModelError("Forge returned no preview image (interrupted?).")
-        return processed.images[0]
 
     def samplers(self) -> list[str]:
         from modules import sd_samplers
